@@ -1,0 +1,267 @@
+"""Find target modules, wrap them with named adapters, switch, disable, delete, and merge.
+
+A targeted layer is replaced by an :class:`AdaptedLayer` that keeps the original as
+``base_layer`` and holds one adapter per name; exactly one (or none) is active. Targets follow
+PEFT's rules: a list of module-name suffixes, a full-name regex, or ``"all-linear"`` (every
+Linear/Conv1D except the output head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.errors import ConfigError, TargetError
+from lorakit.methods import _layers as L
+from lorakit.methods._api import MethodSpec, spec_of_config
+
+Targets = str | Sequence[str]
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus named adapters: forward = active adapter applied to the base output."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base_layer = base
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.active is None or self.active not in self.adapters:
+            return y
+        return self.adapters[self.active](x, self.base_layer, y)
+
+    def __getattr__(self, name: str) -> Any:  # keep the base layer's names: weight, bias, in_features, ...
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+@dataclass
+class AdapterInfo:
+    """What ``attach`` recorded about one named adapter (used to save it in PEFT's format)."""
+
+    config: Any
+    spec: MethodSpec
+    modules: list[str]  # logical module names, e.g. "model.layers.0.self_attn.q_proj"
+
+
+def _registry(model: nn.Module) -> dict[str, AdapterInfo]:
+    if "_lorakit_adapters" not in model.__dict__:
+        model.__dict__["_lorakit_adapters"] = {}
+    return model.__dict__["_lorakit_adapters"]
+
+
+def adapter_info(model: nn.Module, name: str) -> AdapterInfo:
+    infos = _registry(model)
+    if name not in infos:
+        have = ", ".join(map(repr, infos)) or "none"
+        raise ConfigError(f"the model has no adapter named {name!r} (adapters: {have}).")
+    return infos[name]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(_registry(model))
+
+
+def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) pairs as if no adapter were attached: wrappers show as their base layer."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in inside):
+            continue
+        if isinstance(module, AdaptedLayer):
+            inside.append(name)
+            yield name, module.base_layer
+        else:
+            yield name, module
+
+
+def _name_matches(spec: Targets, name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = None) -> list[str]:
+    """Logical names of the modules ``targets`` selects; a clear TargetError when none or a bad type."""
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise TargetError(f"targets {targets!r} is not a valid regular expression: {e}.") from e
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head.base_layer if isinstance(head, AdaptedLayer) else head
+    chosen: list[str] = []
+    for name, module in logical_modules(model):
+        if not name:
+            continue
+        if targets == "all-linear":
+            hit = isinstance(module, (nn.Linear, Conv1D)) and module is not head
+        else:
+            hit = _name_matches(targets, name)
+        if hit and not (exclude and _name_matches(exclude, name)):
+            L.layer_kind(module, name)  # unsupported type -> TargetError naming the module
+            chosen.append(name)
+    if not chosen:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in logical_modules(model) if isinstance(m, L.SUPPORTED)})
+        raise TargetError(
+            f"targets={targets!r}{f' (exclude={exclude!r})' if exclude else ''} matched no module of "
+            f"{type(model).__name__}. Supported modules here end in: {', '.join(leaves[:20])}."
+        )
+    return chosen
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, name: str) -> Any | None:
+    """PEFT's rank_pattern / alpha_pattern rule: the first key matching the name's tail."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return None
+
+
+def module_config(cfg: Any, name: str, rank_pattern: Mapping | None, alpha_pattern: Mapping | None) -> Any:
+    changes: dict[str, Any] = {}
+    for field, patterns in (("r", rank_pattern), ("alpha", alpha_pattern)):
+        value = pattern_value(patterns, name)
+        if value is None:
+            continue
+        if field not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ConfigError(f"{type(cfg).__name__} has no {field!r} option, so {field}_pattern cannot apply.")
+        changes[field] = value
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _wrapper_for(model: nn.Module, name: str) -> AdaptedLayer:
+    module = model.get_submodule(name)
+    if isinstance(module, AdaptedLayer):
+        return module
+    parent_name, _, child = name.rpartition(".")
+    wrapper = AdaptedLayer(module)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+    return wrapper
+
+
+def attach(
+    model: nn.Module,
+    cfg: Any,
+    targets: Targets = "all-linear",
+    name: str = "default",
+    *,
+    exclude: Targets | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+) -> nn.Module:
+    """Add adapter ``name`` of ``cfg``'s method to every targeted module, make it active and trainable.
+
+    The base model is frozen; only the new adapter's parameters require grad. Returns ``model``.
+    """
+    spec = spec_of_config(cfg)
+    if not name or "." in name or not name.isidentifier():
+        raise ConfigError(f"adapter name {name!r} must be a Python identifier without dots, e.g. 'default'.")
+    if name in _registry(model):
+        raise ConfigError(f"the model already has an adapter named {name!r}; delete_adapter() it or pick another name.")
+    chosen = find_targets(model, targets, exclude)
+    built = {}
+    for module_name in chosen:  # build all first, so a failure leaves the model untouched
+        base = model.get_submodule(module_name)
+        base = base.base_layer if isinstance(base, AdaptedLayer) else base
+        built[module_name] = spec.adapter.from_base(base, module_config(cfg, module_name, rank_pattern, alpha_pattern))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module_name, adapter in built.items():
+        _wrapper_for(model, module_name).adapters[name] = adapter
+    _registry(model)[name] = AdapterInfo(cfg, spec, chosen)
+    set_active(model, name)
+    return model
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield module_name, module
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Make adapter ``name`` the active one (None: no adapter); only its parameters train."""
+    if name is not None:
+        adapter_info(model, name)
+    for _, wrapper in wrappers(model):
+        wrapper.active = name
+        for adapter_name, adapter in wrapper.adapters.items():
+            adapter.requires_grad_(adapter_name == name)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    return next((w.active for _, w in wrappers(model)), None)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block; the previous active adapter comes back after."""
+    saved = [(w, w.active) for _, w in wrappers(model)]
+    for w, _ in saved:
+        w.active = None
+    try:
+        yield model
+    finally:
+        for w, active in saved:
+            w.active = active
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; wrappers left with no adapter give back their base layer."""
+    adapter_info(model, name)
+    for module_name, wrapper in list(wrappers(model)):
+        if name in wrapper.adapters:
+            del wrapper.adapters[name]
+        if wrapper.active == name:
+            wrapper.active = None
+        if len(wrapper.adapters) == 0:
+            _replace(model, module_name, wrapper.base_layer)
+    del _registry(model)[name]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A plain model (no wrappers) whose weights include the active adapter's delta.
+
+    By default the input model is left as it was (the merge works on a deep copy); with
+    ``inplace=True`` the model itself is rewritten (no extra memory, not reversible).
+    """
+    out = model if inplace else copy.deepcopy(model)
+    for module_name, wrapper in list(wrappers(out)):
+        base = wrapper.base_layer
+        if wrapper.active is not None and wrapper.active in wrapper.adapters:
+            adapter = wrapper.adapters[wrapper.active]
+            spec = adapter_info(out, wrapper.active).spec
+            if not spec.mergeable:
+                raise ConfigError(f"method {spec.name!r} cannot be merged exactly into the base weights.")
+            with torch.no_grad():
+                delta = adapter.delta_weight(base)  # base layout
+                merged = base.weight + delta.to(base.weight.dtype)
+            # a new Parameter: a weight tied elsewhere (embeddings ↔ lm_head) must not change there too
+            base.weight = nn.Parameter(merged, requires_grad=False)
+            if getattr(getattr(out, "config", None), "tie_word_embeddings", False) and isinstance(base, nn.Embedding):
+                out.config.tie_word_embeddings = False
+        _replace(out, module_name, base)
+    out.__dict__.pop("_lorakit_adapters", None)
+    return out

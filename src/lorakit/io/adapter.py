@@ -1,0 +1,314 @@
+"""Adapter directories in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module>.<suffix>`` with PEFT's suffixes (``lora_A.weight``,
+``lora_embedding_A``, ``lora_magnitude_vector``, ...), which each method's ``export_state``
+provides. The config carries PEFT's field names, plus a ``lorakit`` block (method, full config,
+module list, base fingerprint) that PEFT ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.errors import AdapterFormatError, ConfigError, LorakitError, TargetError
+from lorakit.inject import (
+    AdaptedLayer,
+    active_adapter,
+    adapter_info,
+    attach,
+    delete_adapter,
+    find_targets,
+    logical_modules,
+    set_active,
+    wrappers,
+)
+from lorakit.io.atomic import atomic_dir
+from lorakit.methods._api import REGISTRY, get_spec
+from lorakit.methods import _layers as L
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# PEFT inits that rewrite the base weights: such an adapter is relative to a residual base.
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+# PEFT features lorakit does not load yet: field -> value meaning "unused".
+UNSUPPORTED_FIELDS = {
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "modules_to_save": None,
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    return None
+
+
+def _target_modules_field(model: nn.Module, modules: list[str]) -> list[str] | str:
+    """PEFT ``target_modules``: module-name suffixes when they select exactly ``modules``, else a regex."""
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    try:
+        if find_targets(model, leaves) == modules:
+            return leaves
+    except LorakitError:
+        pass
+    return "(" + "|".join(re.escape(m) for m in modules) + ")"
+
+
+def base_fingerprint(model: nn.Module, modules: list[str], n: int = 4) -> dict[str, float]:
+    """Frobenius norms of a few targeted base weights: cheap, and dtype-robust to ~1e-3."""
+    out = {}
+    for name in modules[:n]:
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        out[name] = float(base.weight.detach().float().norm())
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` to ``path`` (atomic). Returns the path."""
+    info = adapter_info(model, name)
+    spec, cfg = info.spec, info.config
+    tensors: dict[str, torch.Tensor] = {}
+    module_cfgs: dict[str, Any] = {}
+    for module_name, wrapper in wrappers(model):
+        if name in wrapper.adapters:
+            adapter = wrapper.adapters[name]
+            module_cfgs[module_name] = adapter.config
+            for suffix, t in adapter.export_state().items():
+                tensors[f"{PREFIX}{module_name}.{suffix}"] = t.detach().contiguous().cpu()
+    modules = [m for m in info.modules if m in module_cfgs]
+    kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}
+    rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
+    alpha_pattern = {m: c.alpha for m, c in module_cfgs.items() if getattr(c, "alpha", None) != getattr(cfg, "alpha", None)}
+    config: dict[str, Any] = {
+        "peft_type": spec.adapter.peft_type,
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "target_modules": _target_modules_field(model, modules),
+        "exclude_modules": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "fan_in_fan_out": "conv1d" in kinds,  # PEFT corrects it per layer type anyway
+        "bias": "none",
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        **spec.adapter.peft_fields(cfg),
+    }
+    block = {
+        "version": lorakit.__version__,
+        "method": spec.name,
+        "config": dataclasses.asdict(cfg),
+        "modules": modules,
+        "base_fingerprint": base_fingerprint(model, modules),
+    }
+    if spec.adapter.peft_type is None:  # PEFT cannot load it anyway: the config names the method
+        config["lorakit"] = block
+    metadata = {"format": "pt", "lorakit": json.dumps(block)}  # PEFT ignores safetensors metadata
+    with atomic_dir(path, marker=CONFIG_NAME) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+    return Path(path)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The parsed adapter_config.json of an adapter dir, with errors that name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFormatError(f"adapter directory {path} does not exist (expected a folder with {CONFIG_NAME}).")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise AdapterFormatError(f"{path} has no {CONFIG_NAME}; is it an adapter directory (PEFT or lorakit format)?")
+    try:
+        fields = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{cfg_file} is not valid JSON ({e}); re-save the adapter.") from e
+    if not isinstance(fields, dict):
+        raise AdapterFormatError(f"{cfg_file} must hold a JSON object, found {type(fields).__name__}.")
+    return fields
+
+
+def config_from_fields(fields: dict[str, Any], where: Path) -> Any:
+    """The lorakit method config an adapter_config.json describes."""
+    block = fields.get("lorakit")
+    if isinstance(block, dict) and "method" in block:
+        try:
+            spec = get_spec(block["method"])
+            return spec.config(**block.get("config", {}))
+        except (ConfigError, TypeError) as e:
+            raise AdapterFormatError(f"{where}: the 'lorakit' block is invalid: {e}") from e
+    init = fields.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise AdapterFormatError(
+            f"{where}: init_lora_weights={init!r} means the adapter is relative to a rewritten (residual) base, "
+            "so it would give wrong outputs on the original base. Re-save it with PEFT's "
+            "path_initial_model_for_weight_conversion to turn it into a plain delta."
+        )
+    for field, unused in UNSUPPORTED_FIELDS.items():
+        if fields.get(field, unused) not in (unused, [], {}):
+            raise AdapterFormatError(f"{where}: PEFT option {field}={fields[field]!r} is not supported by lorakit yet.")
+    for spec in REGISTRY.values():
+        try:
+            cfg = spec.adapter.config_from_peft(fields)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise AdapterFormatError(f"{where}: invalid value in {CONFIG_NAME}: {e}") from e
+        if cfg is not None:
+            return cfg
+    raise AdapterFormatError(
+        f"{where}: peft_type={fields.get('peft_type')!r} is not a method lorakit can load "
+        f"(registered: {', '.join(sorted(REGISTRY))})."
+    )
+
+
+def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, lorakit metadata block or {}) of an adapter weights file."""
+    if not file.is_file():
+        raise AdapterFormatError(f"{file} is missing; the adapter directory needs {WEIGHTS_NAME}.")
+    try:
+        with safetensors.safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            raw = (f.metadata() or {}).get("lorakit")
+        return tensors, (json.loads(raw) if raw else {})
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFormatError(
+            f"{file} is not a readable safetensors file ({e}); it is probably truncated or corrupt: re-save or re-copy it."
+        ) from e
+
+
+def _modules_of(fields: dict[str, Any], block: dict[str, Any], model: nn.Module, where: Path) -> list[str]:
+    if isinstance(block.get("modules"), list):
+        return list(block["modules"])
+    targets = fields.get("target_modules")
+    if targets is None:
+        raise AdapterFormatError(f"{where}: target_modules is missing from {CONFIG_NAME}.")
+    if targets == "all-linear" or isinstance(targets, str):
+        return find_targets(model, targets, fields.get("exclude_modules"))
+    return find_targets(model, list(targets), fields.get("exclude_modules"))
+
+
+def _check_base(fields: dict[str, Any], block: dict[str, Any], model: nn.Module, where: Path) -> None:
+    prints = block.get("base_fingerprint") or {}
+    names = dict(logical_modules(model))
+    for module_name, expected in prints.items():
+        if module_name not in names or not hasattr(names[module_name], "weight"):
+            continue  # a missing module is reported as missing keys below
+        got = float(names[module_name].weight.detach().float().norm())
+        if not math.isclose(got, expected, rel_tol=1e-2):
+            raise AdapterFormatError(
+                f"{where} was saved for a different base model: the weight norm of {module_name} is {got:.4g} here "
+                f"but was {expected:.4g} there (base {fields.get('base_model_name_or_path')!r}). Load it onto its own "
+                "base, or pass check_base=False if you know the bases match."
+            )
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, name: str = "default", *, check_base: bool = True
+) -> nn.Module:
+    """Attach the adapter stored at ``path`` (lorakit or PEFT LoRA/DoRA format) as ``name``; returns ``model``.
+
+    Checks the config, the weights file, key names, shapes against the base and finite values;
+    on any failure the model is left exactly as it was.
+    """
+    path = Path(path)
+    fields = read_config(path)
+    cfg = config_from_fields(fields, path / CONFIG_NAME)
+    tensors, block = read_tensors(path / WEIGHTS_NAME)
+    block = fields["lorakit"] if isinstance(fields.get("lorakit"), dict) else block
+    if check_base:
+        _check_base(fields, block, model, path)
+    _drop_saved_embeddings(tensors, model, path / WEIGHTS_NAME)
+    previous = active_adapter(model)
+    try:
+        modules = _modules_of(fields, block, model, path / CONFIG_NAME)
+        attach(
+            model,
+            cfg,
+            targets=modules,
+            name=name,
+            rank_pattern=fields.get("rank_pattern") or None,
+            alpha_pattern=fields.get("alpha_pattern") or None,
+        )
+    except TargetError as e:
+        raise AdapterFormatError(f"{path / CONFIG_NAME}: its target modules do not fit this base: {e}") from e
+    try:
+        _fill(model, name, tensors, path / WEIGHTS_NAME)
+    except BaseException:
+        delete_adapter(model, name)
+        set_active(model, previous)
+        raise
+    return model
+
+
+def _drop_saved_embeddings(tensors: dict[str, torch.Tensor], model: nn.Module, file: Path) -> None:
+    """PEFT saves whole embedding matrices (``...base_layer.weight``) when embeddings are targeted.
+
+    Identical to this base's: drop them. Different (e.g. a resized vocabulary): refuse, since
+    applying the adapter without them would silently give other outputs.
+    """
+    names = dict(logical_modules(model))
+    for key in [k for k in tensors if k.endswith(".base_layer.weight")]:
+        module = names.get(key[len(PREFIX) : -len(".base_layer.weight")])
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.shape == tensors[key].shape and torch.allclose(
+            weight.detach().float(), tensors[key].float(), rtol=1e-4, atol=1e-6
+        ):
+            del tensors[key]
+        else:
+            raise AdapterFormatError(
+                f"{file}: {key} holds a full base weight that differs from this base's (a resized or retrained "
+                "embedding?); lorakit does not load replaced base weights yet. Load it onto the base it was saved from."
+            )
+
+
+def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    expected: dict[str, tuple[Any, str, torch.Tensor]] = {}
+    for module_name, wrapper in wrappers(model):
+        if name in wrapper.adapters:
+            adapter = wrapper.adapters[name]
+            for suffix, t in adapter.export_state().items():
+                expected[f"{PREFIX}{module_name}.{suffix}"] = (adapter, suffix, t)
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown:
+        raise AdapterFormatError(
+            f"{file} has {len(unknown)} key(s) that match no adapted module of this base, e.g. {unknown[0]!r}; "
+            "the adapter was made for a different model or its target_modules do not match its weights."
+        )
+    if missing:
+        raise AdapterFormatError(
+            f"{file} lacks {len(missing)} key(s) the config implies, e.g. {missing[0]!r}; the file is incomplete "
+            "or adapter_config.json does not belong to it."
+        )
+    per_adapter: dict[int, tuple[Any, dict[str, torch.Tensor]]] = {}
+    for key, (adapter, suffix, like) in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(like.shape):
+            raise AdapterFormatError(
+                f"{file}: {key} has shape {tuple(t.shape)} but this base needs {tuple(like.shape)} "
+                f"(rank {getattr(adapter.config, 'r', '?')}); the adapter was made for a different base model "
+                "or its rank_pattern/r in the config does not match the weights."
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterFormatError(f"{file}: {key} contains NaN or infinite values; the adapter is corrupt.")
+        per_adapter.setdefault(id(adapter), (adapter, {}))[1][suffix] = t
+    for adapter, state in per_adapter.values():
+        adapter.import_state(state)

@@ -1,0 +1,143 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models — https://arxiv.org/abs/2106.09685
+Update rule: h = W₀x + s·B·A·x, s = α/r (or α/√r with rsLoRA, https://arxiv.org/abs/2312.03732).
+
+Wraps nn.Linear, GPT-2's Conv1D and nn.Embedding (where A·x is a row lookup of Aᵀ).
+Init "default" is PEFT's: Kaiming-uniform A and zero B (for embeddings zero A, normal B);
+"gaussian" draws A ~ N(0, 1/r²). Either way B·A = 0, so the adapted model starts as the base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.methods import _layers as L
+from lorakit.methods._api import LoraFactors, register, require
+from lorakit.methods._lowrank import truncate
+
+INITS = ("default", "gaussian")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    r: int = 8
+    """Rank of the update B·A."""
+    alpha: float = 8.0
+    """Scaling numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout probability on the adapter's input path during training."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r) (rsLoRA), which keeps the update's scale steady as r grows."""
+    init: str = "default"
+    """'default' (Kaiming-uniform A, zero B, as PEFT) or 'gaussian' (A ~ N(0, 1/r²), zero B)."""
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}.")
+        require(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}.")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
+        require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+@register(
+    "lora",
+    config=LoraConfig,
+    paper="LoRA: Low-Rank Adaptation of Large Language Models (+ rsLoRA scaling)",
+    url="https://arxiv.org/abs/2106.09685",
+)
+class Lora(nn.Module):
+    """x ↦ W₀x + s·B·A·x with A (r, in), B (out, r)."""
+
+    peft_type = "LORA"
+
+    def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, kind: str, weight: torch.Tensor):
+        super().__init__()
+        self.config, self.kind, self.scale = cfg, kind, cfg.scale
+        factory: dict[str, Any] = {"dtype": weight.dtype if weight.is_floating_point() else None, "device": weight.device}
+        self.A = nn.Parameter(torch.empty(cfg.r, in_features, **factory))  # (r, in)
+        self.B = nn.Parameter(torch.empty(out_features, cfg.r, **factory))  # (out, r)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and kind != "embedding" else nn.Identity()
+        self.reset_parameters()
+
+    @classmethod
+    def from_base(cls, base: nn.Module, cfg: LoraConfig) -> Lora:
+        in_features, out_features = L.dims(base)
+        return cls(cfg, in_features, out_features, L.layer_kind(base), base.weight)
+
+    def reset_parameters(self) -> None:
+        if self.kind == "embedding":  # PEFT's embedding init: the roles of A and B swap
+            nn.init.zeros_(self.A)
+            nn.init.normal_(self.B)
+        elif self.config.init == "gaussian":
+            nn.init.normal_(self.A, std=1 / self.config.r)
+            nn.init.zeros_(self.B)
+        else:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            nn.init.zeros_(self.B)
+
+    def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """s·B·A·x, shape (..., out)."""
+        h = L.project_in(base, self.dropout(x), self.A)  # (..., r)
+        return torch.nn.functional.linear(h, self.B) * self.scale  # (..., out)
+
+    def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and y.dtype == self.B.dtype:  # inference: one fused pass over y
+            h = L.project_in(base, x, self.A)  # (..., r)
+            return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B.T, alpha=self.scale).view(y.shape)
+        return y + self.lora_out(x, base).to(y.dtype)
+
+    def factors(self) -> LoraFactors:
+        return LoraFactors(self.A, self.B, self.scale)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        return L.to_base_layout(base, self.scale * (self.B @ self.A))  # (out, in) -> base layout
+
+    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
+        """Exact; with ``rank`` < r, the best rank-``rank`` truncation of s·B·A."""
+        f = LoraFactors(self.A.detach(), self.B.detach(), self.scale)
+        return f if rank is None else truncate(f, rank)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        if self.kind == "embedding":
+            return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
+        return {"lora_A.weight": self.A, "lora_B.weight": self.B}
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, param in self.export_state().items():
+                param.copy_(state[key])
+
+    @staticmethod
+    def peft_fields(cfg: LoraConfig) -> dict[str, Any]:
+        return {
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "use_rslora": cfg.rslora,
+            "use_dora": False,
+            "init_lora_weights": True if cfg.init == "default" else cfg.init,
+        }
+
+    @staticmethod
+    def lora_kwargs_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
+        init = fields.get("init_lora_weights", True)
+        return {
+            "r": int(fields.get("r", 8)),
+            "alpha": float(fields.get("lora_alpha", 8)),
+            "dropout": float(fields.get("lora_dropout", 0.0) or 0.0),
+            "rslora": bool(fields.get("use_rslora", False)),
+            "init": "gaussian" if init == "gaussian" else "default",
+        }
+
+    @staticmethod
+    def config_from_peft(fields: dict[str, Any]) -> LoraConfig | None:
+        if fields.get("peft_type") != "LORA" or fields.get("use_dora"):
+            return None
+        return LoraConfig(**Lora.lora_kwargs_from_peft(fields))

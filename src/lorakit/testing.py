@@ -1,0 +1,60 @@
+"""Tiny random models for tests and quick runs (the `tiny` workload: 2 layers, hidden 64, vocab 256)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, vocab: int = 256) -> LlamaForCausalLM:
+    """A random Llama (q/k/v/o, gate/up/down projections) in eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    config._name_or_path = "lorakit/tiny-llama"
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0, *, layers: int = 2, hidden: int = 64, vocab: int = 256) -> GPT2LMHeadModel:
+    """A random GPT-2 (Conv1D layers: c_attn, c_proj, c_fc) in eval mode."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+        bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+    )
+    config._name_or_path = "lorakit/tiny-gpt2"
+    return GPT2LMHeadModel(config).eval()
+
+
+def smollm2_shape(layers: int = 30, seed: int = 0) -> LlamaForCausalLM:
+    """SmolLM2-135M's shape with random weights (the `smollm2-shape` benchmark workload)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Give every trainable (adapter) parameter random values, so its effect is visible in outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
