@@ -19,13 +19,9 @@ from lorakit.inject import (  # noqa: E402
     set_active,
 )
 from lorakit.io import load_adapter, save_adapter  # noqa: E402
+from lorakit import methods  # noqa: E402  (callable package: lk.methods() lists method names)
 from lorakit.methods import REGISTRY, method_config  # noqa: E402
 from lorakit.models import load_base  # noqa: E402
-
-
-def methods() -> list[str]:
-    """Names of all registered adapter methods."""
-    return sorted(REGISTRY)
 
 
 __all__ = [

@@ -37,10 +37,11 @@ class AdaptedLayer(nn.Module):
         self.active: str | None = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if self.active is None or self.active not in self.adapters:
+        base, adapters, active = self.base_layer, self.adapters, self.active  # one lookup each: runs per layer per step
+        y = base(x, *args, **kwargs)
+        if active is None or active not in adapters:
             return y
-        return self.adapters[self.active](x, self.base_layer, y)
+        return adapters[active](x, base, y)
 
     def __getattr__(self, name: str) -> Any:  # keep the base layer's names: weight, bias, in_features, ...
         try:
@@ -258,9 +259,11 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             with torch.no_grad():
                 delta = adapter.delta_weight(base)  # base layout
                 merged = base.weight + delta.to(base.weight.dtype)
-            # a new Parameter: a weight tied elsewhere (embeddings ↔ lm_head) must not change there too
+            # a new Parameter: a weight tied elsewhere (embeddings ↔ lm_head) must not change there too,
+            # and the config must stop saying they are tied, or tie_weights()/reloading would undo the merge
+            tied = sum(p is base.weight for _, p in out.named_parameters(remove_duplicate=False)) > 1
             base.weight = nn.Parameter(merged, requires_grad=False)
-            if getattr(getattr(out, "config", None), "tie_word_embeddings", False) and isinstance(base, nn.Embedding):
+            if tied and getattr(getattr(out, "config", None), "tie_word_embeddings", False):
                 out.config.tie_word_embeddings = False
         _replace(out, module_name, base)
     out.__dict__.pop("_lorakit_adapters", None)

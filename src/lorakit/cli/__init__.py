@@ -1,0 +1,25 @@
+"""The ``lorakit`` command line: one typed function per subcommand; its docstring is its --help."""
+
+from __future__ import annotations
+
+import typer
+
+from lorakit.cli import demo, generate, info, inspect_adapter  # modules; each holds its command function
+
+app = typer.Typer(
+    name="lorakit",
+    help="lorakit: train, inspect, merge and run LoRA-family adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for command in (info.info, inspect_adapter.inspect, generate.generate, demo.demo):
+    app.command()(command)
+
+
+def main() -> None:
+    """Entry point of the ``lorakit`` console script."""
+    app()
+
+
+__all__ = ["app", "main"]

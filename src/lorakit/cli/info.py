@@ -1,0 +1,64 @@
+"""`lorakit info`: version, registered methods, bundled models and the cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+import lorakit
+from lorakit.cli._common import friendly_errors, out
+from lorakit.methods import REGISTRY
+from lorakit.models import BUNDLED, PACKAGES, cache_dir, smollm2_cache
+
+
+def collect() -> dict[str, Any]:
+    """Everything `lorakit info` reports, as plain data."""
+    models = []
+    for name, description in BUNDLED.items():
+        package = PACKAGES[name]
+        models.append(
+            {
+                "name": name,
+                "description": description,
+                "package": package,
+                "package_installed": importlib.util.find_spec(package) is not None,
+                # only SmolLM2 is de-quantised into the cache; MiniLM is read in place
+                "cached": (smollm2_cache() / "config.json").is_file() if name == "smollm2-135m" else None,
+            }
+        )
+    methods = [
+        {"name": s.name, "paper": s.paper, "url": s.url, "mergeable": s.mergeable}
+        for s in sorted(REGISTRY.values(), key=lambda s: s.name)
+    ]
+    return {"version": lorakit.__version__, "methods": methods, "models": models, "cache_dir": str(cache_dir())}
+
+
+@friendly_errors
+def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False) -> None:
+    """Show the lorakit version, the registered adapter methods, the bundled base models and the cache dir."""
+    data = collect()
+    if json_output:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    out.print(f"lorakit {data['version']}")
+    methods = Table(title="Adapter methods")
+    for col in ("method", "paper", "link", "mergeable"):
+        methods.add_column(col, overflow="fold")
+    for m in data["methods"]:
+        methods.add_row(m["name"], m["paper"], m["url"], "yes" if m["mergeable"] else "no")
+    out.print(methods)
+    models = Table(title="Bundled base models")
+    for col in ("name", "model", "package", "cached"):
+        models.add_column(col, overflow="fold")
+    for m in data["models"]:
+        package = f"{m['package']} ({'installed' if m['package_installed'] else 'MISSING'})"
+        cached = (
+            "n/a (read in place)" if m["cached"] is None else ("yes" if m["cached"] else "no (built on first load)")
+        )
+        models.add_row(m["name"], m["description"], package, cached)
+    out.print(models)
+    out.print(f"cache dir: {data['cache_dir']}", soft_wrap=True)

@@ -1,0 +1,52 @@
+"""Render README.md's methods table from REGISTRY: ``python -m lorakit.cli.readme [--check] [README]``.
+
+The table lives between ``<!-- methods:start -->`` and ``<!-- methods:end -->``; a test checks
+that it equals what this script renders, so a newly registered method shows up after one run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lorakit.methods import REGISTRY
+
+START, END = "<!-- methods:start -->", "<!-- methods:end -->"
+
+
+def methods_table() -> str:
+    """The Markdown table of every registered method: name, paper, link, mergeable."""
+    lines = ["| Method | Paper | Link | Mergeable |", "| --- | --- | --- | --- |"]
+    for spec in sorted(REGISTRY.values(), key=lambda s: s.name):
+        lines.append(f"| `{spec.name}` | {spec.paper} | <{spec.url}> | {'yes' if spec.mergeable else 'no'} |")
+    return "\n".join(lines)
+
+
+def render(text: str) -> str:
+    """``text`` with the block between the markers replaced by the current table."""
+    head, start, rest = text.partition(START)
+    _, end, tail = rest.partition(END)
+    if not start or not end:
+        raise ValueError(f"the README needs the markers {START} and {END} around the methods table")
+    return f"{head}{START}\n{methods_table()}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    check = "--check" in args
+    paths = [a for a in args if a != "--check"]
+    readme = Path(paths[0] if paths else "README.md")
+    old = readme.read_text()
+    new = render(old)
+    if check:
+        if new != old:
+            print(f"{readme}: the methods table is out of date; run `python -m lorakit.cli.readme`.")
+            return 1
+        return 0
+    readme.write_text(new)
+    print(f"{readme}: methods table {'updated' if new != old else 'already up to date'}.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""Every registered method's declared parameter formula equals its real trainable-parameter count."""
+
+import pytest
+
+import lorakit as lk
+from lorakit.inject import wrappers
+from lorakit.methods import _layers as L
+from lorakit.testing import tiny_gpt2, tiny_llama
+
+
+@pytest.mark.parametrize("method", sorted(lk.REGISTRY))
+@pytest.mark.parametrize("make, targets", [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_fc", "wte"])])
+def test_trainable_params_match_formula(method, make, targets):
+    model = make()
+    spec = lk.REGISTRY[method]
+    lk.attach(model, lk.method_config(method), targets=targets, rank_pattern={"down_proj": 2, "c_fc": 2})
+    checked = 0
+    for _, wrapper in wrappers(model):
+        adapter = wrapper.adapters["default"]
+        d_in, d_out = L.dims(wrapper.base_layer)
+        real = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        assert real == spec.param_count(d_in, d_out, adapter.config), (method, d_in, d_out)
+        checked += 1
+    assert checked > 0
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(
+        spec.param_count(*L.dims(w.base_layer), w.adapters["default"].config) for _, w in wrappers(model)
+    )

@@ -1,0 +1,49 @@
+"""Small shared helpers for the test suite: tiny bases with their target lists, logits, wrapper checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.inject import AdaptedLayer
+from lorakit.methods import REGISTRY
+from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc", "wte"]
+# name -> (builder, targets covering every supported layer kind of that model)
+MODELS = {"llama": (tiny_llama, LLAMA_TARGETS), "gpt2": (tiny_gpt2, GPT2_TARGETS)}
+TARGETS_BY_CLASS = {"LlamaForCausalLM": LLAMA_TARGETS, "GPT2LMHeadModel": GPT2_TARGETS}
+
+
+def tokens(batch: int = 2, length: int = 8, seed: int = 123) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def has_wrappers(model: nn.Module) -> bool:
+    return any(isinstance(m, AdaptedLayer) for m in model.modules())
+
+
+def config_for(method: str, **opts) -> object:
+    """``lk.method_config(method, **opts)`` keeping only the options that method has (e.g. a small r)."""
+    fields = {f.name for f in dataclasses.fields(REGISTRY[method].config)}
+    return lk.method_config(method, **{k: v for k, v in opts.items() if k in fields})
+
+
+def adapt(model: nn.Module, method: str, name: str = "default", seed: int = 0, *, randomize: bool = True,
+          targets=None, r: int = 4, **opts) -> nn.Module:
+    """Attach ``method`` (seeded init) to the model's full target list and optionally randomize it."""
+    torch.manual_seed(seed)
+    targets = targets if targets is not None else TARGETS_BY_CLASS[type(model).__name__]
+    lk.attach(model, config_for(method, r=r, **opts), targets=targets, name=name)
+    if randomize:
+        randomize_adapters(model, seed=seed)
+    return model

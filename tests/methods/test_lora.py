@@ -1,0 +1,77 @@
+"""LoRA / rsLoRA: the paper's defining properties (scaling, init, low rank, exact delta)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.methods.lora import Lora
+from lorakit.testing import randomize_adapters, tiny_llama
+
+
+@pytest.mark.parametrize("r, alpha, rslora, expected", [(8, 16, False, 2.0), (16, 32, False, 2.0), (16, 32, True, 8.0)])
+def test_scale_is_alpha_over_r_or_sqrt_r(r, alpha, rslora, expected):
+    cfg = lk.method_config("lora", r=r, alpha=alpha, rslora=rslora)
+    assert cfg.scale == pytest.approx(alpha / (math.sqrt(r) if rslora else r))
+    assert cfg.scale == pytest.approx(expected)
+
+
+def test_default_init_is_kaiming_uniform_A_and_zero_B():
+    base = nn.Linear(400, 300)
+    adapter = Lora.from_base(base, lk.method_config("lora", r=32))
+    bound = 1 / math.sqrt(400)  # kaiming_uniform_(a=sqrt(5)) bound = sqrt(6 / ((1 + 5) * fan_in))
+    assert adapter.A.shape == (32, 400) and adapter.B.shape == (300, 32)
+    assert adapter.A.abs().max() <= bound
+    assert adapter.A.abs().max() > 0.9 * bound  # really spread over the interval
+    assert torch.count_nonzero(adapter.B) == 0
+
+
+def test_gaussian_init_std_is_one_over_r():
+    base = nn.Linear(512, 64)
+    adapter = Lora.from_base(base, lk.method_config("lora", r=4, init="gaussian"))
+    assert adapter.A.std().item() == pytest.approx(1 / 4, rel=0.05)
+    assert torch.count_nonzero(adapter.B) == 0
+
+
+def test_embedding_init_zero_A_normal_B():
+    base = nn.Embedding(100, 32)
+    adapter = Lora.from_base(base, lk.method_config("lora", r=4))
+    assert torch.count_nonzero(adapter.A) == 0
+    assert adapter.B.std().item() == pytest.approx(1.0, rel=0.2)
+
+
+def test_update_has_rank_at_most_r_and_matches_formula():
+    base = nn.Linear(48, 40)
+    adapter = Lora.from_base(base, lk.method_config("lora", r=3, alpha=6))
+    randomize_adapters(adapter)
+    delta = adapter.delta_weight(base)
+    assert torch.linalg.matrix_rank(delta).item() == 3
+    x = torch.randn(5, 48)
+    y = adapter(x, base, base(x))
+    expected = x @ (base.weight + 2.0 * adapter.B @ adapter.A).T + base.bias
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_and_autograd_paths_agree():
+    model = tiny_llama()
+    lk.attach(model, lk.method_config("lora", r=4), targets="all-linear")
+    randomize_adapters(model)
+    x = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        fast = model(x).logits
+    slow = model(x).logits
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_to_lora_truncation_is_best_low_rank_approximation():
+    base = nn.Linear(30, 20)
+    adapter = Lora.from_base(base, lk.method_config("lora", r=6))
+    randomize_adapters(adapter, std=0.3)
+    full = adapter.delta_weight(base)
+    S = torch.linalg.svdvals(full)
+    for k in (1, 3, 5):
+        f = adapter.to_lora(base, rank=k)
+        err = torch.linalg.norm(full - f.scale * f.B @ f.A)
+        assert err.item() == pytest.approx(S[k:].square().sum().sqrt().item(), rel=1e-4, abs=1e-6)
