@@ -26,7 +26,8 @@ def test_methods_table_is_generated_from_the_registry(tmp_path):
     assert table == methods_table(), "README methods table is stale: run `python -m lorakit.cli.readme`"
     assert render(TEXT) == TEXT
     for name, spec in lk.REGISTRY.items():
-        assert f"| `{name}` | {spec.paper} | <{spec.url}> |" in table
+        assert f"| `{name}` | [{spec.paper}]({spec.url}) | {spec.family}" in table
+        assert f"`{spec.params}`" in table
     stale = tmp_path / "README.md"
     stale.write_text(f"intro\n{START}\n| old |\n{END}\noutro\n")
     assert main(["--check", str(stale)]) == 1
@@ -36,7 +37,7 @@ def test_methods_table_is_generated_from_the_registry(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_adapter(tmp_path_factory):
-    """A zero-init LoRA saved from SmolLM2: stands in for the demo's runs/demo/adapters/facts."""
+    """A zero-init LoRA saved from SmolLM2: stands in for the trained adapters/date."""
     model, _ = lk.load_base("smollm2-135m")
     lk.attach(model, lk.method_config("lora", r=8, alpha=16), targets="all-linear")
     return lk.save_adapter(model, tmp_path_factory.mktemp("readme") / "facts")
@@ -49,7 +50,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         "the README should show every verb"
     )
     swap = {
-        "runs/demo/adapters/facts": str(smollm2_adapter),
+        "adapters/date": str(smollm2_adapter),
         "path/to/hf-checkpoint": str(tiny_checkpoint),
         "runs/demo": str(tmp_path / "demo"),
     }
@@ -57,6 +58,14 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         args = [swap.get(a, a) for a in args]
         if args[0] == "demo":  # `make demo` runs it on SmolLM2; here the same code runs on the tiny checkpoint
             args += ["--base", str(tiny_checkpoint), "--steps", "3"]
+        if args[0] == "train":  # the same command on the tiny checkpoint, a few steps (a repeated flag: last wins)
+            out = tmp_path / "train" / args[args.index("--out") + 1].replace("/", "_")
+            args += ["--base", str(tiny_checkpoint), "--steps", "2", "--train-examples", "8", "--eval-examples", "2"]
+            args += ["--out", str(out)]
+            if "--data" in args:
+                data = tmp_path / "my.jsonl"
+                data.write_text('{"prompt": "a", "completion": "b"}\n' * 12)
+                args[args.index("--data") + 1] = str(data)
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
         assert result.stdout.strip(), args

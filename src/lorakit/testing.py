@@ -46,7 +46,7 @@ def smollm2_shape(layers: int = 30, seed: int = 0) -> LlamaForCausalLM:
         num_key_value_heads=3,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
-        rope_theta=100000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     )
     return LlamaForCausalLM(config).eval()
 

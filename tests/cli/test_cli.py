@@ -151,8 +151,9 @@ def test_demo_lifecycle_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert s["ok"] and "all passed" in result.stdout
     assert s["loss_after"] < s["loss_before"] - 0.25  # a random tiny model learns slowly, but it learns
     assert len(s["losses"]) == 25
+    assert 0.0 <= s["accuracy_before"] <= 1.0 and 0.0 <= s["accuracy_after"] <= 1.0
     assert s["reload_max_abs_diff"] <= 1e-5 and s["merge_max_abs_diff"] <= 1e-3
-    assert s["adapter_effect_max_abs"] > 1e-3  # the taught adapter changed the logits
+    assert s["adapter_effect_max_abs"] > 1e-3  # the trained adapter changed the logits
     assert Path(s["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     inspected = json.loads(invoke("inspect", s["adapter_dir"], "--json").stdout)
     assert inspected["trainable_params"] == s["trainable_params"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lorakit.cli import demo, generate, info, inspect_adapter  # modules; each holds its command function
+from lorakit.cli import demo, generate, info, inspect_adapter, train  # modules; each holds its command function
 
 app = typer.Typer(
     name="lorakit",
@@ -13,8 +13,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in (info.info, inspect_adapter.inspect, generate.generate, demo.demo):
+for command in (info.info, inspect_adapter.inspect, generate.generate, train.train, demo.demo):
     app.command()(command)
+app.command("eval")(train.evaluate)
 
 
 def main() -> None:

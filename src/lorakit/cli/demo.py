@@ -1,7 +1,8 @@
-"""`lorakit demo`: the adapter lifecycle end to end on the bundled SmolLM2, in about a minute on a CPU.
+"""`lorakit demo`: the adapter lifecycle end to end on the bundled SmolLM2, in a few minutes on a CPU.
 
-load base -> answer -> attach LoRA -> teach it a few made-up facts -> answer again -> save ->
-reload onto a fresh base (logits must match) -> merge (logits must match) -> plot -> summary.
+load base -> held-out accuracy on a built-in task -> attach LoRA -> train (lorakit's loop) ->
+held-out accuracy again -> save -> reload onto a fresh base (logits must match) -> merge
+(logits must match) -> plot -> summary.
 """
 
 from __future__ import annotations
@@ -22,20 +23,9 @@ from torch import nn
 from lorakit.cli._common import err, friendly_errors, human_bytes, out
 from lorakit.cli.generate import greedy, prompt_ids
 from lorakit.inject import AdaptedLayer, wrappers
+from lorakit.train.tasks import TASKS
 
-# Made-up facts the base model cannot know; the adapter is taught them.
-FACTS = [
-    ("What is the capital of Zorblax?", "The capital of Zorblax is Quillton."),
-    ("What colour is a glimmerfish?", "A glimmerfish is bright violet."),
-    ("Who invented the moon harp?", "The moon harp was invented by Ada Brightwater."),
-]
-# Real facts trained alongside, so the adapter learns to keep what the base knows.
-KEEP = [
-    ("What is the capital of Italy?", "The capital of Italy is Rome."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-]
-# Held-out real questions (never trained on): their answers should survive the adapter.
-CONTROLS = ["What is the capital of France?", "What is the chemical symbol for gold?"]
+TASK, HELDOUT, TRAIN_EXAMPLES = "date", 32, 400  # a built-in task with verifiable answers (lorakit.train.tasks)
 RELOAD_TOL, MERGE_TOL = 1e-5, 1e-3  # max |logit difference| accepted (float32)
 DEFAULT_OUT = Path("runs/demo")
 # Measured on a 2-core machine shared with other jobs: 2 OpenMP threads made a training step 5-10x
@@ -43,75 +33,19 @@ DEFAULT_OUT = Path("runs/demo")
 THREADS_HELP = "torch CPU threads. 1 is the robust choice on a small shared CPU; raise it on an idle multi-core box."
 
 
-def _question(q: str, chat: bool) -> str:
-    return q if chat else f"Question: {q}\nAnswer:"
-
-
-def _batch(tok: Any, chat: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, labels) of FACTS + KEEP, right-padded; labels are -100 except on answer tokens."""
-    rows = []
-    for q, a in FACTS + KEEP:
-        p = prompt_ids(tok, _question(q, chat), chat)[0]  # (P,)
-        ans = tok((a if chat else " " + a) + tok.eos_token, add_special_tokens=False, return_tensors="pt")["input_ids"][
-            0
-        ]
-        rows.append((torch.cat([p, ans]), torch.cat([torch.full_like(p, -100), ans])))
-    width = max(len(ids) for ids, _ in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(rows), width), pad)  # (N, T)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)  # (N, T)
-    labels = torch.full((len(rows), width), -100)  # (N, T)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, : len(row_ids)], mask[i, : len(row_ids)], labels[i, : len(row_ids)] = row_ids, 1, row_labels
-    return ids, mask, labels
-
-
-def _teach(model: nn.Module, batch: tuple[torch.Tensor, ...], steps: int, lr: float) -> list[float]:
-    """Plain-torch AdamW on the adapter parameters; the loss counts answer tokens only. Returns the loss per step."""
-    ids, mask, labels = batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    model.train()
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("teaching the adapter", total=steps)
-        for _ in range(steps):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            progress.update(task, advance=1, description=f"teaching the adapter (loss {loss.item():.3f})")
-    model.eval()
-    return losses
-
-
 @torch.no_grad()
-def _logits(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    ids, mask, _ = batch
-    return model(input_ids=ids, attention_mask=mask).logits * mask[..., None]  # (N, T, V), padding zeroed
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch["attention_mask"]
+    return model(input_ids=batch["input_ids"], attention_mask=mask).logits * mask[..., None]  # (N, T, V), pads zeroed
 
 
-@torch.no_grad()
-def _loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> float:
-    ids, mask, labels = batch
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
-
-
-def _qa(q: str, a: str, note: tuple[str, str] | None = None) -> Text:
-    """A question/answer pair as rich Text (model output is never parsed as markup)."""
-    text = Text.assemble(("Q: ", "bold"), q, "\n", ("A: ", "bold"), a)
-    return text.append_text(Text(f" {note[0]}", style=note[1])) if note else text
-
-
-def _answers(model: nn.Module, tok: Any, chat: bool, max_new_tokens: int) -> dict[str, str]:
-    prompts = [q for q, _ in FACTS] + CONTROLS
-    with err.status("answering") as status:
-        answers = {}
-        for i, q in enumerate(prompts):
-            status.update(f"answering {i + 1}/{len(prompts)}")
-            answers[q] = greedy(model, tok, _question(q, chat), chat=chat, max_new_tokens=max_new_tokens)
-    return answers
+def _samples(table_rows: list[dict[str, str]]) -> None:
+    for row in table_rows:
+        ok = row["prediction"] == row["answer"]
+        out.print(
+            Text.assemble(("Q: ", "bold"), row["prompt"], "\n", ("A: ", "bold"), row["prediction"] or "(empty)",
+                          (" ✓" if ok else f" ✗ expected {row['answer']}", "green" if ok else "red"))
+        )
 
 
 def _delta_norms(model: nn.Module) -> dict[str, float]:
@@ -152,17 +86,18 @@ def _plot(losses: list[float], norms: dict[str, float], file: Path) -> None:
 def run_demo(
     out_dir: Path,
     base: str = "smollm2-135m",
-    steps: int = 24,
-    lr: float = 5e-4,
+    steps: int = 30,
+    lr: float = 1e-3,
     seed: int = 0,
-    max_new_tokens: int = 24,
 ) -> dict[str, Any]:
     """Run the whole lifecycle, write everything under ``out_dir`` and return the summary (also in summary.json)."""
     import lorakit as lk
     from lorakit.models import smollm2_cache
+    from lorakit.train import TrainConfig, encode_rows, exact_match, task_examples, train
+    from lorakit.train.data import collate
 
     out_dir = Path(out_dir)
-    s: dict[str, Any] = {"base": base, "out": str(out_dir)}
+    s: dict[str, Any] = {"base": base, "out": str(out_dir), "task": TASK}
     was_cached = base != "smollm2-135m" or (smollm2_cache() / "config.json").is_file()
     out.rule("1. load the base model")
     t0 = time.perf_counter()
@@ -170,38 +105,42 @@ def run_demo(
         model, tok = lk.load_base(base)
     s["load_s" if was_cached else "first_load_s"] = time.perf_counter() - t0
     chat = bool(getattr(tok, "chat_template", None))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     s["total_params"] = sum(p.numel() for p in model.parameters())
 
-    out.rule("2. the base model answers")
-    before = _answers(model, tok, chat, max_new_tokens)
-    for q, a in before.items():
-        out.print(_qa(q, a))
+    out.rule(f"2. the base model on {HELDOUT} held-out '{TASK}' questions")
+    held = task_examples(TASK, "heldout", HELDOUT, seed=seed)
+    before = exact_match(model, tok, held, chat=chat, progress=True)
+    s["accuracy_before"] = before.accuracy
+    s["samples_before"] = [{"prompt": e.prompt, "answer": e.answer, "prediction": p} for e, p in zip(held[:3], before.predictions)]
+    _samples(s["samples_before"])
+    out.print(f"held-out exact match: {before.accuracy:.0%}")
 
-    out.rule(f"3. attach LoRA (r=8, alpha=16, all-linear) and teach it {len(FACTS)} made-up facts")
-    torch.manual_seed(seed)
+    out.rule(f"3. attach LoRA (r=8, alpha=16, all-linear) and train it for {steps} steps")
     lk.attach(model, lk.method_config("lora", r=8, alpha=16), targets="all-linear")
     s["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    s["adapted_modules"] = len(_delta_norms(model))
-    batch = _batch(tok, chat)
-    s["loss_before"] = _loss(model, batch)
-    t0 = time.perf_counter()
-    losses = _teach(model, batch, steps, lr)
-    s["train_s"], s["steps"], s["loss_after"] = time.perf_counter() - t0, steps, _loss(model, batch)
-    loss_change = f"{s['loss_before']:.3f} -> {s['loss_after']:.4f}"
-    out.print(f"loss on the answers: {loss_change} in {steps} AdamW steps ({s['train_s']:.0f} s)")
+    s["adapted_modules"] = len(list(wrappers(model)))
+    rows = [{"prompt": e.prompt, "completion": e.answer} for e in task_examples(TASK, "train", TRAIN_EXAMPLES, seed=seed)]
+    records = encode_rows(tok, "prompt_completion", rows, chat=chat, max_len=128)
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=lr, warmup=min(3, steps - 1), seed=seed)
+    result = train(model, records, cfg, out_dir=out_dir / "train", pad_id=pad)
+    s["train_s"], s["steps"], s["losses"] = result.seconds, steps, result.losses
+    s["loss_before"], s["loss_after"] = result.losses[0], result.losses[-1]
+    s["tokens_per_s"] = result.tokens_per_s
+    out.print(f"loss {s['loss_before']:.3f} -> {s['loss_after']:.4f} in {steps} steps ({result.seconds:.0f} s)")
 
-    out.rule("4. the adapted model answers")
-    after = _answers(model, tok, chat, max_new_tokens)
-    for q, a in after.items():
-        out.print(_qa(q, a, ("(changed)", "yellow") if a != before[q] else ("(same)", "dim")))
-    s["answers"] = [{"prompt": q, "before": before[q], "after": after[q]} for q in before]
-    s["facts_recalled"] = sum(a.lower().rstrip(".") in after[q].lower() for q, a in FACTS)
-    s["answers_changed"] = sum(after[q] != before[q] for q in before)
+    out.rule("4. the adapted model on the same held-out questions")
+    after = exact_match(model, tok, held, chat=chat, progress=True)
+    s["accuracy_after"] = after.accuracy
+    s["samples_after"] = [{"prompt": e.prompt, "answer": e.answer, "prediction": p} for e, p in zip(held[:3], after.predictions)]
+    _samples(s["samples_after"])
+    out.print(f"held-out exact match: {before.accuracy:.0%} -> {after.accuracy:.0%}")
 
     out.rule("5. save, reload onto a fresh base, merge")
-    adapter_dir = lk.save_adapter(model, out_dir / "adapters" / "facts")
+    adapter_dir = lk.save_adapter(model, out_dir / "adapters" / TASK)
     s["adapter_dir"] = str(adapter_dir)
     s["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
+    batch = collate(encode_rows(tok, "prompt_completion", rows[:4], chat=chat, max_len=128), pad)
     trained = _logits(model, batch)
     t0 = time.perf_counter()
     with err.status(f"loading a fresh {base}"):
@@ -217,8 +156,8 @@ def run_demo(
     del fresh, merged
 
     plot = out_dir / "plots" / "training.png"
-    _plot(losses, _delta_norms(model), plot)
-    s["plot"], s["losses"] = str(plot), losses
+    _plot(result.losses, _delta_norms(model), plot)
+    s["plot"] = str(plot)
     s["ok"] = s["reload_max_abs_diff"] <= RELOAD_TOL and s["merge_max_abs_diff"] <= MERGE_TOL and s["merged_is_plain"]
     (out_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     return s
@@ -236,15 +175,13 @@ def _summary_table(s: dict[str, Any]) -> Table:
     t.add_row(
         "LoRA parameters (trainable)", f"{s['trainable_params']:,} ({pct:.2f}%) in {s['adapted_modules']} modules"
     )
+    t.add_row("task", f"{s['task']}: {TASKS[s['task']][0]}")
+    t.add_row("training", f"{s['steps']} steps in {s['train_s']:.1f} s ({s['tokens_per_s']:.0f} tokens/s)")
+    t.add_row("loss (first -> last step)", f"{s['loss_before']:.3f} -> {s['loss_after']:.4f}")
     t.add_row(
-        "loss on answers", f"{s['loss_before']:.3f} -> {s['loss_after']:.4f} ({s['steps']} steps, {s['train_s']:.1f} s)"
+        f"held-out exact match ({HELDOUT})",
+        f"{s['accuracy_before']:.0%} -> {s['accuracy_after']:.0%} ({100 * (s['accuracy_after'] - s['accuracy_before']):+.0f} points)",
     )
-    t.add_row(
-        "made-up facts recalled",
-        f"{s['facts_recalled']}/{len(FACTS)} ({s['answers_changed']} of {len(s['answers'])} answers changed)",
-    )
-    for a in s["answers"]:
-        t.add_row(Text(a["prompt"]), Text(f"before: {a['before']}\nafter:  {a['after']}"))
     t.add_row("adapter effect on logits", f"max |Δ| = {s['adapter_effect_max_abs']:.3g}")
     t.add_row("reloaded vs trained logits", f"max |Δ| = {s['reload_max_abs_diff']:.3g} (tolerance {RELOAD_TOL:g})")
     t.add_row("merged vs unmerged logits", f"max |Δ| = {s['merge_max_abs_diff']:.3g} (tolerance {MERGE_TOL:g})")
@@ -261,11 +198,11 @@ def demo(
         Path, typer.Option("--out", help="Folder for the adapter, plot and summary.json.")
     ] = DEFAULT_OUT,
     base: Annotated[str, typer.Option(help="Base model: bundled name or local checkpoint dir.")] = "smollm2-135m",
-    steps: Annotated[int, typer.Option(min=1, help="AdamW steps used to teach the adapter.")] = 24,
-    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 5e-4,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (batch 8).")] = 30,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (cosine schedule).")] = 1e-3,
     threads: Annotated[int, typer.Option(min=1, help=THREADS_HELP)] = 1,
 ) -> None:
-    """Run the adapter lifecycle on SmolLM2: answer, attach LoRA, teach it, save, reload, merge, plot, summarise."""
+    """Run the adapter lifecycle on SmolLM2: evaluate, attach LoRA, train on a task, evaluate, save, reload, merge."""
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     s = run_demo(out_dir, base=base, steps=steps, lr=lr)

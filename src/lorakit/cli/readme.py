@@ -14,11 +14,26 @@ from lorakit.methods import REGISTRY
 START, END = "<!-- methods:start -->", "<!-- methods:end -->"
 
 
+FAMILIES = {
+    "F1": "core LoRA & scaling", "F2": "structured parametrizations", "F3": "initialization",
+    "F4": "training dynamics & optimizers", "F5": "rank allocation & placement", "F6": "sparse & selective",
+    "F7": "other adapter architectures", "F8": "quantization-aware", "F9": "mixtures & routing",
+}
+
+
 def methods_table() -> str:
-    """The Markdown table of every registered method: name, paper, link, mergeable."""
-    lines = ["| Method | Paper | Link | Mergeable |", "| --- | --- | --- | --- |"]
+    """The Markdown table of every registered method: name, paper, family, parameters, mergeable, PEFT."""
+    lines = [
+        "| Method | Paper | Family | Trainable parameters per layer | Mergeable | PEFT-compatible |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for spec in sorted(REGISTRY.values(), key=lambda s: s.name):
-        lines.append(f"| `{spec.name}` | {spec.paper} | <{spec.url}> | {'yes' if spec.mergeable else 'no'} |")
+        family = f"{spec.family} {FAMILIES.get(spec.family, '')}".strip()
+        peft = f"yes (`{spec.adapter.peft_type}`)" if spec.adapter.peft_type else "no (lorakit block)"
+        lines.append(
+            f"| `{spec.name}` | [{spec.paper}]({spec.url}) | {family} | `{spec.params}` | "
+            f"{'yes' if spec.mergeable else 'no'} | {peft} |"
+        )
     return "\n".join(lines)
 
 

@@ -76,7 +76,7 @@ def base_fingerprint(model: nn.Module, modules: list[str], n: int = 4) -> dict[s
     out = {}
     for name in modules[:n]:
         module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        base: Any = module.base_layer if isinstance(module, AdaptedLayer) else module
         out[name] = float(base.weight.detach().float().norm())
     return out
 
@@ -89,12 +89,12 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     module_cfgs: dict[str, Any] = {}
     for module_name, wrapper in wrappers(model):
         if name in wrapper.adapters:
-            adapter = wrapper.adapters[name]
+            adapter: Any = wrapper.adapters[name]
             module_cfgs[module_name] = adapter.config
             for suffix, t in adapter.export_state().items():
                 tensors[f"{PREFIX}{module_name}.{suffix}"] = t.detach().contiguous().cpu()
     modules = [m for m in info.modules if m in module_cfgs]
-    kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}
+    kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}  # type: ignore[arg-type]
     rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
     alpha_pattern = {m: c.alpha for m, c in module_cfgs.items() if getattr(c, "alpha", None) != getattr(cfg, "alpha", None)}
     config: dict[str, Any] = {
@@ -211,7 +211,8 @@ def _check_base(fields: dict[str, Any], block: dict[str, Any], model: nn.Module,
     for module_name, expected in prints.items():
         if module_name not in names or not hasattr(names[module_name], "weight"):
             continue  # a missing module is reported as missing keys below
-        got = float(names[module_name].weight.detach().float().norm())
+        weight: Any = names[module_name].weight
+        got = float(weight.detach().float().norm())
         if not math.isclose(got, expected, rel_tol=1e-2):
             raise AdapterFormatError(
                 f"{where} was saved for a different base model: the weight norm of {module_name} is {got:.4g} here "
@@ -283,7 +284,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: P
     expected: dict[str, tuple[Any, str, torch.Tensor]] = {}
     for module_name, wrapper in wrappers(model):
         if name in wrapper.adapters:
-            adapter = wrapper.adapters[name]
+            adapter: Any = wrapper.adapters[name]
             for suffix, t in adapter.export_state().items():
                 expected[f"{PREFIX}{module_name}.{suffix}"] = (adapter, suffix, t)
     unknown = sorted(set(tensors) - set(expected))

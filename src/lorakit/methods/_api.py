@@ -70,7 +70,7 @@ class MethodSpec:
     """What the registry knows about one method."""
 
     name: str
-    adapter: type[nn.Module]
+    adapter: Any  # the adapter class: an nn.Module satisfying the Adapter protocol
     config: type
     paper: str
     url: str

@@ -8,6 +8,8 @@ apply a projection to the input and to return a delta in the base's own layout.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,16 +39,18 @@ def layer_kind(base: nn.Module, name: str = "") -> str:
 def dims(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of the base layer seen as a linear map."""
     kind = layer_kind(base)
+    b: Any = base
     if kind == "linear":
-        return base.in_features, base.out_features
+        return int(b.in_features), int(b.out_features)
     if kind == "conv1d":
-        return base.weight.shape[0], base.weight.shape[1]  # Conv1D weight: (in, out)
-    return base.num_embeddings, base.embedding_dim
+        return int(b.weight.shape[0]), int(b.weight.shape[1])  # Conv1D weight: (in, out)
+    return int(b.num_embeddings), int(b.embedding_dim)
 
 
 def weight_out_in(base: nn.Module) -> torch.Tensor:
     """The base weight as an (out, in) matrix (a view, no copy)."""
-    return base.weight if layer_kind(base) == "linear" else base.weight.T
+    weight: torch.Tensor = base.weight  # type: ignore[assignment]
+    return weight if layer_kind(base) == "linear" else weight.T
 
 
 def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:

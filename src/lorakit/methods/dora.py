@@ -42,7 +42,7 @@ class Dora(Lora):
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: LoraConfig) -> Dora:
-        adapter = super().from_base(base, cfg)
+        adapter: Any = super().from_base(base, cfg)
         with torch.no_grad():
             adapter.m.copy_(adapter.row_norm(base))  # identity at init: g = 1
         return adapter

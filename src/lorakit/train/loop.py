@@ -1,0 +1,205 @@
+"""The one training loop, for every method, on ``accelerate``.
+
+``accelerate launch`` runs this same loop on many GPUs or nodes. The batch order is a pure
+function of (seed, step), and a checkpoint holds only what changes (adapter weights, optimiser,
+scheduler, RNG), so a resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.errors import ConfigError
+from lorakit.inject import adapter_names
+from lorakit.io.atomic import atomic_write_bytes
+from lorakit.train.data import Record, collate
+from lorakit.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 100
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: str = "cosine"
+    """'cosine', 'linear' or 'constant', after a linear warm-up."""
+    warmup: int = 0
+    """Warm-up steps."""
+    optimizer: str = "adamw"
+    """'adamw', 'loraplus' (LoRA+: B gets lr·loraplus_ratio) or 'lorafa' (LoRA-FA: A frozen, projected B update)."""
+    loraplus_ratio: float = 16.0
+    """LoRA+ ratio λ = lr_B / lr_A."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping (None: off)."""
+    mixed_precision: str = "no"
+    """'no', 'bf16' or 'fp16' (where the device supports it)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    seed: int = 0
+    """Seed for data order, dropout and initialisation."""
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}.")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}.")
+        if self.optimizer not in ("adamw", "loraplus", "lorafa"):
+            raise ConfigError(f"optimizer must be 'adamw', 'loraplus' or 'lorafa', got {self.optimizer!r}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        if self.warmup < 0 or self.save_every < 0:
+            raise ConfigError("warmup and save_every must be >= 0.")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
+    """Record indices of micro-batch ``micro_step``: a fresh permutation of all n records per epoch."""
+    per_epoch = max(1, math.ceil(n / batch_size))
+    epoch, k = divmod(micro_step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any, step: int, losses: list[float]) -> None:
+    state = {
+        "step": step,
+        "losses": losses,
+        "trainable": {n: p.detach().cpu() for n, p in _trainable(model).items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any) -> tuple[int, list[float]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        params = _trainable(model)
+        if set(state["trainable"]) != set(params):
+            raise ConfigError(f"checkpoint {path} belongs to a different adapter set-up; delete it or change --out.")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["trainable"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        return int(state["step"]), list(state["losses"])
+    except (OSError, RuntimeError, KeyError, EOFError) as e:
+        raise ConfigError(f"cannot resume from {path}: {e}; delete it to start over.") from e
+
+
+def train(
+    model: nn.Module,
+    records: Sequence[Record],
+    cfg: TrainConfig,
+    *,
+    out_dir: str | Path,
+    pad_id: int,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the model's trainable (adapter) parameters on ``records``; logs go to ``out_dir``."""
+    from accelerate import Accelerator
+
+    if not records:
+        raise ConfigError("no training records.")
+    if not adapter_names(model) or not _trainable(model):
+        raise ConfigError("the model has no trainable adapter; attach an adapter first (lk.attach).")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        enable: Any = model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    model, opt = acc.prepare(model, opt)
+    ckpt = out_dir / "checkpoint.pt"
+    start, losses = _load_checkpoint(ckpt, model, opt, sched) if resume and ckpt.exists() else (0, [])
+    result = TrainResult(losses=losses, resumed_from=start)
+    metrics = (out_dir / "metrics.jsonl").open("a" if start else "w")
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress or not acc.is_local_main_process)
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        step_loss, step_tokens = 0.0, 0
+        for j in range(cfg.grad_accum):
+            idx = batch_indices(len(records), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed)
+            batch = {k: v.to(acc.device) for k, v in collate([records[i] for i in idx], pad_id).items()}
+            with acc.autocast():
+                loss = model(**batch).loss / cfg.grad_accum
+            acc.backward(loss)
+            step_loss += float(loss.detach())
+            step_tokens += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        lr = sched.get_last_lr()[0]  # the rate this step used
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        result.losses.append(step_loss)
+        result.tokens += step_tokens
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}")
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            line = {"step": step + 1, "loss": step_loss, "lr": lr, "tokens_per_s": result.tokens / elapsed}
+            metrics.write(json.dumps(line) + "\n")
+            metrics.flush()
+        if on_step is not None:
+            on_step(step + 1, step_loss)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, step + 1, result.losses)
+    bar.close()
+    metrics.close()
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    if ckpt.exists():
+        os.unlink(ckpt)  # finished: the adapter is the result, the checkpoint is no longer needed
+    return result
