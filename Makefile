@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install clean bench
+.PHONY: demo test lint typecheck docs install clean bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,9 +23,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lorakit demo --out $(DEMO_OUT)
 
-# pytest exits 5 when it collects nothing; pass that through as 5 so .ci/run can tell.
-test: $(STAMP)
+# The quality gates run first: lint, format, types; then the whole test suite.
+test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# Regenerate the README's methods table from the registry (a test fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m lorakit.cli.readme README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/forward_overhead.py

@@ -38,8 +38,17 @@ def config_for(method: str, **opts) -> object:
     return lk.method_config(method, **{k: v for k, v in opts.items() if k in fields})
 
 
-def adapt(model: nn.Module, method: str, name: str = "default", seed: int = 0, *, randomize: bool = True,
-          targets=None, r: int = 4, **opts) -> nn.Module:
+def adapt(
+    model: nn.Module,
+    method: str,
+    name: str = "default",
+    seed: int = 0,
+    *,
+    randomize: bool = True,
+    targets=None,
+    r: int = 4,
+    **opts,
+) -> nn.Module:
     """Attach ``method`` (seeded init) to the model's full target list and optionally randomize it."""
     torch.manual_seed(seed)
     targets = targets if targets is not None else TARGETS_BY_CLASS[type(model).__name__]

@@ -30,22 +30,37 @@ def wrapped(model: nn.Module) -> dict[str, AdaptedLayer]:
 
 def tied_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
 
-@pytest.mark.parametrize("builder, targets, keep", [
-    (tiny_llama, ["q_proj"], lambda n, m: n.endswith(".q_proj")),
-    (tiny_llama, ["self_attn.v_proj", "embed_tokens"], lambda n, m: n.endswith((".v_proj", "embed_tokens"))),
-    (tiny_llama, r"model\.layers\.0\.self_attn\.(q|v)_proj", lambda n, m: re.search(r"layers\.0\..*\.[qv]_proj$", n)),
-    (tiny_llama, "all-linear", lambda n, m: isinstance(m, nn.Linear) and n != "lm_head"),
-    (tiny_gpt2, "all-linear", lambda n, m: isinstance(m, Conv1D)),
-    (tiny_gpt2, ["c_proj"], lambda n, m: n.endswith(".c_proj")),
-    (tiny_gpt2, ["mlp.c_proj"], lambda n, m: n.endswith("mlp.c_proj")),
-], ids=["suffix", "suffixes", "regex", "all-linear-llama", "all-linear-gpt2", "gpt2-suffix", "gpt2-dotted-suffix"])
+@pytest.mark.parametrize(
+    "builder, targets, keep",
+    [
+        (tiny_llama, ["q_proj"], lambda n, m: n.endswith(".q_proj")),
+        (tiny_llama, ["self_attn.v_proj", "embed_tokens"], lambda n, m: n.endswith((".v_proj", "embed_tokens"))),
+        (
+            tiny_llama,
+            r"model\.layers\.0\.self_attn\.(q|v)_proj",
+            lambda n, m: re.search(r"layers\.0\..*\.[qv]_proj$", n),
+        ),
+        (tiny_llama, "all-linear", lambda n, m: isinstance(m, nn.Linear) and n != "lm_head"),
+        (tiny_gpt2, "all-linear", lambda n, m: isinstance(m, Conv1D)),
+        (tiny_gpt2, ["c_proj"], lambda n, m: n.endswith(".c_proj")),
+        (tiny_gpt2, ["mlp.c_proj"], lambda n, m: n.endswith("mlp.c_proj")),
+    ],
+    ids=["suffix", "suffixes", "regex", "all-linear-llama", "all-linear-gpt2", "gpt2-suffix", "gpt2-dotted-suffix"],
+)
 def test_find_targets(builder, targets, keep):
     model = builder()
     expected = names_where(model, keep)
@@ -60,10 +75,14 @@ def test_all_linear_on_gpt2_covers_conv1d_and_skips_head():
     assert len(found) == 4 * model.config.n_layer and "lm_head" not in found
 
 
-@pytest.mark.parametrize("exclude, dropped", [
-    (["down_proj", "gate_proj"], lambda n: n.endswith((".down_proj", ".gate_proj"))),
-    (r".*\.layers\.1\..*", lambda n: ".layers.1." in n),
-], ids=["list", "regex"])
+@pytest.mark.parametrize(
+    "exclude, dropped",
+    [
+        (["down_proj", "gate_proj"], lambda n: n.endswith((".down_proj", ".gate_proj"))),
+        (r".*\.layers\.1\..*", lambda n: ".layers.1." in n),
+    ],
+    ids=["list", "regex"],
+)
 def test_exclude(exclude, dropped):
     model = tiny_llama()
     every = find_targets(model, "all-linear")
@@ -73,8 +92,13 @@ def test_exclude(exclude, dropped):
 
 def test_rank_and_alpha_patterns_apply_per_module():
     model = tiny_llama()
-    lk.attach(model, lk.method_config("lora", r=4, alpha=8), targets="all-linear",
-              rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"o_proj": 3.0})
+    lk.attach(
+        model,
+        lk.method_config("lora", r=4, alpha=8),
+        targets="all-linear",
+        rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+        alpha_pattern={"o_proj": 3.0},
+    )
     for name, wrapper in wrapped(model).items():
         adapter = wrapper.adapters["default"]
         r = 2 if name.endswith("v_proj") else 6 if name == "model.layers.1.self_attn.q_proj" else 4
@@ -92,7 +116,9 @@ def test_two_adapters_on_different_targets():
     assert lk.adapter_names(model) == ["a", "b"]
     layers = wrapped(model)
     assert {n for n, w in layers.items() if "a" in w.adapters} == set(find_targets(tiny_llama(), ["q_proj"]))
-    assert {n for n, w in layers.items() if "b" in w.adapters} == set(find_targets(tiny_llama(), ["v_proj", "embed_tokens"]))
+    assert {n for n, w in layers.items() if "b" in w.adapters} == set(
+        find_targets(tiny_llama(), ["v_proj", "embed_tokens"])
+    )
     for name, method, seed, targets in (("a", "lora", 1, ["q_proj"]), ("b", "dora", 2, ["v_proj", "embed_tokens"])):
         lk.set_active(model, name)
         alone = logits(adapt(tiny_llama(), method, name, seed=seed, targets=targets), X)
@@ -186,11 +212,15 @@ def test_merge_refuses_a_method_that_is_not_mergeable(monkeypatch):
     assert has_wrappers(model)
 
 
-@pytest.mark.parametrize("builder, path, fields", [
-    (tiny_llama, "model.layers.0.self_attn.q_proj", ("in_features", "out_features", "bias")),
-    (tiny_gpt2, "transformer.h.0.attn.c_attn", ("nf", "bias")),
-    (tiny_llama, "model.embed_tokens", ("num_embeddings", "embedding_dim", "padding_idx")),
-], ids=["linear", "conv1d", "embedding"])
+@pytest.mark.parametrize(
+    "builder, path, fields",
+    [
+        (tiny_llama, "model.layers.0.self_attn.q_proj", ("in_features", "out_features", "bias")),
+        (tiny_gpt2, "transformer.h.0.attn.c_attn", ("nf", "bias")),
+        (tiny_llama, "model.embed_tokens", ("num_embeddings", "embedding_dim", "padding_idx")),
+    ],
+    ids=["linear", "conv1d", "embedding"],
+)
 def test_adapted_layer_exposes_its_base(builder, path, fields):
     model = builder()
     base = model.get_submodule(path)

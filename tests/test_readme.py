@@ -17,8 +17,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text()
 
 
-def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", TEXT, flags=re.S)
+def blocks(lang: str, text: str = TEXT) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def cli_commands(text: str = TEXT) -> list[list[str]]:
+    """Every `lorakit ...` line of the README's bash blocks, split into arguments (comments dropped)."""
+    lines = [line.strip() for block in blocks("bash", text) for line in block.splitlines()]
+    return [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("lorakit ")]
 
 
 def test_methods_table_is_generated_from_the_registry(tmp_path):
@@ -44,8 +50,7 @@ def smollm2_adapter(tmp_path_factory):
 
 
 def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
-    lines = [line.strip() for block in blocks("bash") for line in block.splitlines()]
-    commands = [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("lorakit ")]
+    commands = cli_commands()
     assert {c[0] for c in commands} == {c.name or c.callback.__name__ for c in app.registered_commands}, (
         "the README should show every verb"
     )

@@ -27,8 +27,13 @@ def tiny_gpt2(seed: int = 0, *, layers: int = 2, hidden: int = 64, vocab: int = 
     """A random GPT-2 (Conv1D layers: c_attn, c_proj, c_fc) in eval mode."""
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-        bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
     )
     config._name_or_path = "lorakit/tiny-gpt2"
     return GPT2LMHeadModel(config).eval()

@@ -25,10 +25,32 @@ def invoke(*args):
 
 def test_train_writes_an_adapter_with_logs_and_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "adapter"
-    result = invoke("train", "--base", tiny_checkpoint, "--method", "dora", "--r", 2, "--opt", "rslora=true",
-                    "--steps", 3, "--lr", 1e-2, "--out", out, *QUICK)
+    result = invoke(
+        "train",
+        "--base",
+        tiny_checkpoint,
+        "--method",
+        "dora",
+        "--r",
+        2,
+        "--opt",
+        "rslora=true",
+        "--steps",
+        3,
+        "--lr",
+        1e-2,
+        "--out",
+        out,
+        *QUICK,
+    )
     assert result.exit_code == 0, result.output
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss_curve.png", "train_report.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "train_report.json",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["use_rslora"] is True and config["r"] == 2
@@ -43,9 +65,22 @@ def test_train_writes_an_adapter_with_logs_and_report(tiny_checkpoint, tmp_path)
 
 def test_yaml_config_and_flags_override(tiny_checkpoint, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"base": str(tiny_checkpoint), "method": "lora", "r": 2, "steps": 5,
-                                   "batch-size": 4, "task": "date", "train_examples": 16, "eval_examples": 2,
-                                   "lr": 0.01, "opt": {"init": "gaussian"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(tiny_checkpoint),
+                "method": "lora",
+                "r": 2,
+                "steps": 5,
+                "batch-size": 4,
+                "task": "date",
+                "train_examples": 16,
+                "eval_examples": 2,
+                "lr": 0.01,
+                "opt": {"init": "gaussian"},
+            }
+        )
+    )
     out = tmp_path / "a"
     result = invoke("train", "--config", cfg, "--steps", 2, "--out", out)
     assert result.exit_code == 0, result.output

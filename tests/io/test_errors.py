@@ -106,8 +106,12 @@ def retarget(path: Path) -> None:
 # (name, how to break the dir, error type, words the message must contain)
 BROKEN = [
     ("truncated", truncate, lk.AdapterFormatError, [WEIGHTS, "truncated"]),
-    ("lorakit-method", lambda p: edit_config(p, lorakit={"method": "nope", "config": {}}), lk.AdapterFormatError,
-     [CONFIG, "'nope'"]),
+    (
+        "lorakit-method",
+        lambda p: edit_config(p, lorakit={"method": "nope", "config": {}}),
+        lk.AdapterFormatError,
+        [CONFIG, "'nope'"],
+    ),
     ("peft-type", lambda p: edit_config(p, peft_type="FOO"), lk.AdapterFormatError, [CONFIG, "'FOO'"]),
     ("config-rank", grow_rank, lk.AdapterFormatError, [WEIGHTS, "lora_", "shape", "rank 8"]),
     ("weights-rank", foreign_rank, lk.AdapterFormatError, [WEIGHTS, "lora_", "shape"]),
@@ -118,11 +122,19 @@ BROKEN = [
     ("no-weights", lambda p: (p / WEIGHTS).unlink(), lk.AdapterFormatError, [WEIGHTS]),
     ("bad-json", lambda p: (p / CONFIG).write_text("{'r': 4,"), lk.AdapterFormatError, [CONFIG, "JSON"]),
     ("json-list", lambda p: (p / CONFIG).write_text("[1, 2]"), lk.AdapterFormatError, [CONFIG, "object"]),
-    ("pissa", lambda p: edit_config(p, init_lora_weights="pissa_niter_4"), lk.AdapterFormatError,
-     [CONFIG, "pissa", "path_initial_model_for_weight_conversion"]),
+    (
+        "pissa",
+        lambda p: edit_config(p, init_lora_weights="pissa_niter_4"),
+        lk.AdapterFormatError,
+        [CONFIG, "pissa", "path_initial_model_for_weight_conversion"],
+    ),
     ("bad-r", lambda p: edit_config(p, r=0), lk.AdapterFormatError, [CONFIG, "r must be"]),
-    ("layers-to-transform", lambda p: edit_config(p, layers_to_transform=[0]), lk.AdapterFormatError,
-     [CONFIG, "layers_to_transform"]),
+    (
+        "layers-to-transform",
+        lambda p: edit_config(p, layers_to_transform=[0]),
+        lk.AdapterFormatError,
+        [CONFIG, "layers_to_transform"],
+    ),
     ("targets-miss", retarget, lk.AdapterFormatError, [CONFIG, "nonexistent", "do not fit"]),
 ]
 
@@ -172,13 +184,17 @@ def test_failed_load_keeps_other_adapters_active(adapter_dir, tmp_path):
     assert torch.equal(logits(model, X), y)
 
 
-@pytest.mark.parametrize("targets, words", [
-    (["nonexistent"], ["nonexistent", "matched no module", "q_proj"]),
-    ("model\\.nothing\\..*", ["model\\\\.nothing", "matched no module"]),
-    (["mlp"], ["model.layers.0.mlp", "LlamaMLP", "exclude"]),
-    (["input_layernorm"], ["input_layernorm", "LlamaRMSNorm"]),
-    ("[unclosed", ["[unclosed", "regular expression"]),
-], ids=["suffix", "regex", "mlp-block", "norm", "bad-regex"])
+@pytest.mark.parametrize(
+    "targets, words",
+    [
+        (["nonexistent"], ["nonexistent", "matched no module", "q_proj"]),
+        ("model\\.nothing\\..*", ["model\\\\.nothing", "matched no module"]),
+        (["mlp"], ["model.layers.0.mlp", "LlamaMLP", "exclude"]),
+        (["input_layernorm"], ["input_layernorm", "LlamaRMSNorm"]),
+        ("[unclosed", ["[unclosed", "regular expression"]),
+    ],
+    ids=["suffix", "regex", "mlp-block", "norm", "bad-regex"],
+)
 def test_bad_targets(base, targets, words):
     with pytest.raises(lk.TargetError) as info:
         lk.attach(base[0], lk.method_config("lora"), targets=targets)
@@ -221,6 +237,7 @@ def test_config_is_frozen():
 
 
 # ---- atomic writes -------------------------------------------------------------------------------
+
 
 def listing(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}

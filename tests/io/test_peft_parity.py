@@ -45,8 +45,13 @@ def lorakit_adapter(kind: str, variant: str, patterns: bool = False):
     model = fresh(kind)
     rank_pattern, alpha_pattern = PATTERNS[kind] if patterns else (None, None)
     torch.manual_seed(0)
-    lk.attach(model, lk.method_config(method, r=4, alpha=8, **opts), targets=TARGETS[kind],
-              rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    lk.attach(
+        model,
+        lk.method_config(method, r=4, alpha=8, **opts),
+        targets=TARGETS[kind],
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
     randomize_adapters(model, seed=1)
     return model
 
@@ -54,8 +59,15 @@ def lorakit_adapter(kind: str, variant: str, patterns: bool = False):
 def peft_adapter(kind: str, variant: str, patterns: bool = False, targets: list[str] | None = None):
     """A PEFT model with random (non-identity) A, B and, for DoRA, a perturbed magnitude."""
     rank_pattern, alpha_pattern = PATTERNS[kind] if patterns else ({}, {})
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets or TARGETS[kind], init_lora_weights=False,
-                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **VARIANTS[variant][2])
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets or TARGETS[kind],
+        init_lora_weights=False,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        **VARIANTS[variant][2],
+    )
     model = peft.get_peft_model(fresh(kind), config).eval()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -94,8 +106,11 @@ def test_peft_to_lorakit(variant, kind, patterns, tmp_path):
 
 def assert_same_layers(ours, theirs, patterns: bool) -> None:
     """Both models adapt the same modules with the same per-module rank and scale."""
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
-                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    peft_layers = {
+        n.removeprefix("base_model.model."): m
+        for n, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     wrappers = {n: m for n, m in ours.named_modules() if isinstance(m, AdaptedLayer)}
     assert wrappers.keys() == peft_layers.keys()
     for name, wrapper in wrappers.items():
@@ -128,8 +143,12 @@ def test_saved_files_use_peft_names(variant, kind, tmp_path):
     assert ours == theirs
     embed = "model.embed_tokens" if kind == "llama" else "transformer.wte"
     linear = "model.layers.0.self_attn.q_proj" if kind == "llama" else "transformer.h.0.attn.c_attn"
-    expected = [f"base_model.model.{linear}.lora_A.weight", f"base_model.model.{linear}.lora_B.weight",
-                f"base_model.model.{embed}.lora_embedding_A", f"base_model.model.{embed}.lora_embedding_B"]
+    expected = [
+        f"base_model.model.{linear}.lora_A.weight",
+        f"base_model.model.{linear}.lora_B.weight",
+        f"base_model.model.{embed}.lora_embedding_A",
+        f"base_model.model.{embed}.lora_embedding_B",
+    ]
     if variant == "dora":
         expected.append(f"base_model.model.{linear}.lora_magnitude_vector")
     assert set(expected) <= set(ours)

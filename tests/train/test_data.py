@@ -42,7 +42,9 @@ def test_chat_masks_everything_but_the_assistant_turn(tok):
     rec = encode_prompt_completion(tok, "reverse ab", "ba", chat=True)
     full = tok.decode(rec.input_ids)
     assert full == _roundtrip(tok, "user: reverse ab\nassistant: ba\n")
-    assert _supervised_text(tok, rec) == _roundtrip(tok, " ba\n")  # the template's own text after "assistant:" up to the turn's end
+    assert _supervised_text(tok, rec) == _roundtrip(
+        tok, " ba\n"
+    )  # the template's own text after "assistant:" up to the turn's end
 
 
 def test_multi_turn_messages_supervise_each_assistant_turn(tok):

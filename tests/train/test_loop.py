@@ -25,7 +25,9 @@ def _records(n=24, length=12, seed=0):
 def _model(method="lora", dropout=0.0):
     # lm_head too: the random tiny model's head has weights of ~0.02, which caps how confident it can get
     model = tiny_llama()
-    lk.attach(model, lk.method_config(method, r=4, dropout=dropout), targets=["q_proj", "v_proj", "down_proj", "lm_head"])
+    lk.attach(
+        model, lk.method_config(method, r=4, dropout=dropout), targets=["q_proj", "v_proj", "down_proj", "lm_head"]
+    )
     return model
 
 
@@ -36,8 +38,9 @@ def _adapter_state(model):
 def test_loss_falls_and_only_adapters_change(tmp_path):
     model = _model()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    result = train(model, _records(), TrainConfig(steps=30, batch_size=8, lr=3e-2), out_dir=tmp_path, pad_id=0,
-                   progress=False)
+    result = train(
+        model, _records(), TrainConfig(steps=30, batch_size=8, lr=3e-2), out_dir=tmp_path, pad_id=0, progress=False
+    )
     assert result.losses[-1] < 0.7 * result.losses[0]
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -90,19 +93,40 @@ def test_grad_accumulation_matches_a_big_batch(tmp_path):
     records = _records(n=8)
     torch.manual_seed(0)
     a = _model()
-    train(a, records, TrainConfig(steps=1, batch_size=8, lr=1e-2, max_grad_norm=None), out_dir=tmp_path / "a",
-          pad_id=0, progress=False)
+    train(
+        a,
+        records,
+        TrainConfig(steps=1, batch_size=8, lr=1e-2, max_grad_norm=None),
+        out_dir=tmp_path / "a",
+        pad_id=0,
+        progress=False,
+    )
     torch.manual_seed(0)
     b = _model()
     # the same 8 records, seen as 2 micro-batches of 4 (all sequences have the same number of labels)
-    train(b, records, TrainConfig(steps=1, batch_size=4, grad_accum=2, lr=1e-2, max_grad_norm=None),
-          out_dir=tmp_path / "b", pad_id=0, progress=False)
+    train(
+        b,
+        records,
+        TrainConfig(steps=1, batch_size=4, grad_accum=2, lr=1e-2, max_grad_norm=None),
+        out_dir=tmp_path / "b",
+        pad_id=0,
+        progress=False,
+    )
     for name, value in _adapter_state(a).items():
         torch.testing.assert_close(value, _adapter_state(b)[name], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0.0}, {"schedule": "step"}, {"optimizer": "sgd"},
-                                 {"mixed_precision": "int8"}, {"warmup": -1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"steps": 0},
+        {"lr": 0.0},
+        {"schedule": "step"},
+        {"optimizer": "sgd"},
+        {"mixed_precision": "int8"},
+        {"warmup": -1},
+    ],
+)
 def test_bad_train_config(bad):
     with pytest.raises(ConfigError):
         TrainConfig(**bad)

@@ -34,7 +34,10 @@ def _steps(model, opt, n):
 def _compare(tmp_path, ours, theirs, atol):
     lk.save_adapter(ours, tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
-    a, b = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+        load_file(tmp_path / "theirs" / "adapter_model.safetensors"),
+    )
     init = load_file(tmp_path / "init" / "adapter_model.safetensors")
     moved = 0
     for key, value in a.items():
@@ -46,8 +49,9 @@ def _compare(tmp_path, ours, theirs, atol):
 def test_loraplus_matches_peft(tmp_path):
     ours, theirs = _pair(tmp_path, ["q_proj", "v_proj", "embed_tokens"])
     _steps(ours, build_optimizer(ours, TrainConfig(optimizer="loraplus", lr=1e-3, loraplus_ratio=16)), 3)
-    _steps(theirs, create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
-                                             weight_decay=0.0), 3)
+    _steps(
+        theirs, create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.0), 3
+    )
     _compare(tmp_path, ours, theirs, atol=1e-6)
 
 

@@ -15,13 +15,11 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 from torch import nn
 
 from lorakit.cli._common import err, friendly_errors, human_bytes, out
-from lorakit.cli.generate import greedy, prompt_ids
 from lorakit.inject import AdaptedLayer, wrappers
 from lorakit.train.tasks import TASKS
 
@@ -43,8 +41,14 @@ def _samples(table_rows: list[dict[str, str]]) -> None:
     for row in table_rows:
         ok = row["prediction"] == row["answer"]
         out.print(
-            Text.assemble(("Q: ", "bold"), row["prompt"], "\n", ("A: ", "bold"), row["prediction"] or "(empty)",
-                          (" ✓" if ok else f" ✗ expected {row['answer']}", "green" if ok else "red"))
+            Text.assemble(
+                ("Q: ", "bold"),
+                row["prompt"],
+                "\n",
+                ("A: ", "bold"),
+                row["prediction"] or "(empty)",
+                (" ✓" if ok else f" ✗ expected {row['answer']}", "green" if ok else "red"),
+            )
         )
 
 
@@ -112,7 +116,10 @@ def run_demo(
     held = task_examples(TASK, "heldout", HELDOUT, seed=seed)
     before = exact_match(model, tok, held, chat=chat, progress=True)
     s["accuracy_before"] = before.accuracy
-    s["samples_before"] = [{"prompt": e.prompt, "answer": e.answer, "prediction": p} for e, p in zip(held[:3], before.predictions)]
+    s["samples_before"] = [
+        {"prompt": e.prompt, "answer": e.answer, "prediction": p}
+        for e, p in zip(held[:3], before.predictions[:3], strict=True)
+    ]
     _samples(s["samples_before"])
     out.print(f"held-out exact match: {before.accuracy:.0%}")
 
@@ -120,7 +127,9 @@ def run_demo(
     lk.attach(model, lk.method_config("lora", r=8, alpha=16), targets="all-linear")
     s["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     s["adapted_modules"] = len(list(wrappers(model)))
-    rows = [{"prompt": e.prompt, "completion": e.answer} for e in task_examples(TASK, "train", TRAIN_EXAMPLES, seed=seed)]
+    rows = [
+        {"prompt": e.prompt, "completion": e.answer} for e in task_examples(TASK, "train", TRAIN_EXAMPLES, seed=seed)
+    ]
     records = encode_rows(tok, "prompt_completion", rows, chat=chat, max_len=128)
     cfg = TrainConfig(steps=steps, batch_size=8, lr=lr, warmup=min(3, steps - 1), seed=seed)
     result = train(model, records, cfg, out_dir=out_dir / "train", pad_id=pad)
@@ -132,7 +141,10 @@ def run_demo(
     out.rule("4. the adapted model on the same held-out questions")
     after = exact_match(model, tok, held, chat=chat, progress=True)
     s["accuracy_after"] = after.accuracy
-    s["samples_after"] = [{"prompt": e.prompt, "answer": e.answer, "prediction": p} for e, p in zip(held[:3], after.predictions)]
+    s["samples_after"] = [
+        {"prompt": e.prompt, "answer": e.answer, "prediction": p}
+        for e, p in zip(held[:3], after.predictions[:3], strict=True)
+    ]
     _samples(s["samples_after"])
     out.print(f"held-out exact match: {before.accuracy:.0%} -> {after.accuracy:.0%}")
 
@@ -180,7 +192,8 @@ def _summary_table(s: dict[str, Any]) -> Table:
     t.add_row("loss (first -> last step)", f"{s['loss_before']:.3f} -> {s['loss_after']:.4f}")
     t.add_row(
         f"held-out exact match ({HELDOUT})",
-        f"{s['accuracy_before']:.0%} -> {s['accuracy_after']:.0%} ({100 * (s['accuracy_after'] - s['accuracy_before']):+.0f} points)",
+        f"{s['accuracy_before']:.0%} -> {s['accuracy_after']:.0%} "
+        f"({100 * (s['accuracy_after'] - s['accuracy_before']):+.0f} points)",
     )
     t.add_row("adapter effect on logits", f"max |Δ| = {s['adapter_effect_max_abs']:.3g}")
     t.add_row("reloaded vs trained logits", f"max |Δ| = {s['reload_max_abs_diff']:.3g} (tolerance {RELOAD_TOL:g})")

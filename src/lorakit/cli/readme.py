@@ -15,9 +15,15 @@ START, END = "<!-- methods:start -->", "<!-- methods:end -->"
 
 
 FAMILIES = {
-    "F1": "core LoRA & scaling", "F2": "structured parametrizations", "F3": "initialization",
-    "F4": "training dynamics & optimizers", "F5": "rank allocation & placement", "F6": "sparse & selective",
-    "F7": "other adapter architectures", "F8": "quantization-aware", "F9": "mixtures & routing",
+    "F1": "core LoRA & scaling",
+    "F2": "structured parametrizations",
+    "F3": "initialization",
+    "F4": "training dynamics & optimizers",
+    "F5": "rank allocation & placement",
+    "F6": "sparse & selective",
+    "F7": "other adapter architectures",
+    "F8": "quantization-aware",
+    "F9": "mixtures & routing",
 }
 
 

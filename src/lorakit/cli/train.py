@@ -18,7 +18,18 @@ from lorakit.cli._common import err, friendly_errors
 from lorakit.cli._common import out as console
 from lorakit.errors import ConfigError
 
-RUN_FIELDS = ("base", "method", "targets", "task", "data", "train_examples", "eval_examples", "max_len", "packing", "chat")
+RUN_FIELDS = (
+    "base",
+    "method",
+    "targets",
+    "task",
+    "data",
+    "train_examples",
+    "eval_examples",
+    "max_len",
+    "packing",
+    "chat",
+)
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -63,7 +74,9 @@ def _report_table(report: Any, out_dir: Path) -> Table:
     table.add_column("after", justify="right")
     for key in sorted(set(report.before) | set(report.after)):
         fmt = "{:.1%}" if key == "exact_match" else "{:.4g}"
-        table.add_row(key, fmt.format(report.before.get(key, float("nan"))), fmt.format(report.after.get(key, float("nan"))))
+        table.add_row(
+            key, fmt.format(report.before.get(key, float("nan"))), fmt.format(report.after.get(key, float("nan")))
+        )
     table.add_row("train time", "", f"{report.train_seconds:.1f} s")
     table.add_row("tokens/s", "", f"{report.tokens_per_s:.0f}")
     return table
@@ -82,7 +95,9 @@ def train(
     alpha: Annotated[float | None, Opt(help="Adapter alpha (methods with an alpha option).")] = None,
     dropout: Annotated[float | None, Opt(help="Adapter dropout (methods with a dropout option).")] = None,
     opt: Annotated[list[str] | None, Opt(help="Other method option NAME=VALUE (repeatable), e.g. rslora=true.")] = None,
-    targets: Annotated[str | None, Opt(help="'all-linear', comma-separated suffixes, or a regex (default all-linear).")] = None,
+    targets: Annotated[
+        str | None, Opt(help="'all-linear', comma-separated suffixes, or a regex (default all-linear).")
+    ] = None,
     task: Annotated[str | None, Opt(help="Built-in task: addition, date, sort, reverse.")] = None,
     data: Annotated[str | None, Opt(help="JSONL file: prompt/completion, messages or text records.")] = None,
     steps: Annotated[int | None, Opt(help="Optimiser steps (default 100).")] = None,
@@ -111,7 +126,9 @@ def train(
     from lorakit.train.loop import TrainConfig
     from lorakit.train.run import RunSpec, run_training
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "torch", "TrainConfig", "RunSpec", "run_training")}
+    flags = {
+        k: v for k, v in locals().items() if k not in ("config", "torch", "TrainConfig", "RunSpec", "run_training")
+    }
     flags["resume"] = resume or None
     s = merge_settings(flags, config)
     if s.get("out") is None:
@@ -140,7 +157,9 @@ def evaluate(
     adapter: Annotated[Path | None, Opt(help="Adapter dir; without it the base model is evaluated.")] = None,
     base: Annotated[str, Opt(help="Bundled base name or local checkpoint dir.")] = "smollm2-135m",
     task: Annotated[str | None, Opt(help="Built-in task (held-out split): exact match and loss.")] = None,
-    data: Annotated[Path | None, Opt(help="JSONL file: loss and perplexity (and exact match for prompt/completion).")] = None,
+    data: Annotated[
+        Path | None, Opt(help="JSONL file: loss and perplexity (and exact match for prompt/completion).")
+    ] = None,
     n: Annotated[int, Opt(min=1, help="Held-out examples from --task.")] = 64,
     chat: Annotated[bool | None, Opt("--chat/--no-chat", help="Use the chat template (default: if any).")] = None,
     seed: Annotated[int, Opt(help="Task seed (as in training).")] = 0,

@@ -34,8 +34,8 @@ from lorakit.inject import (
     wrappers,
 )
 from lorakit.io.atomic import atomic_dir
-from lorakit.methods._api import REGISTRY, get_spec
 from lorakit.methods import _layers as L
+from lorakit.methods._api import REGISTRY, get_spec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,7 +96,9 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     modules = [m for m in info.modules if m in module_cfgs]
     kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}  # type: ignore[arg-type]
     rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
-    alpha_pattern = {m: c.alpha for m, c in module_cfgs.items() if getattr(c, "alpha", None) != getattr(cfg, "alpha", None)}
+    alpha_pattern = {
+        m: c.alpha for m, c in module_cfgs.items() if getattr(c, "alpha", None) != getattr(cfg, "alpha", None)
+    }
     config: dict[str, Any] = {
         "peft_type": spec.adapter.peft_type,
         "task_type": _task_type(model),
@@ -185,12 +187,13 @@ def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise AdapterFormatError(f"{file} is missing; the adapter directory needs {WEIGHTS_NAME}.")
     try:
         with safetensors.safe_open(str(file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
             raw = (f.metadata() or {}).get("lorakit")
         return tensors, (json.loads(raw) if raw else {})
     except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterFormatError(
-            f"{file} is not a readable safetensors file ({e}); it is probably truncated or corrupt: re-save or re-copy it."
+            f"{file} is not a readable safetensors file ({e}); it is probably truncated or corrupt: "
+            "re-save or re-copy it."
         ) from e
 
 
@@ -221,9 +224,7 @@ def _check_base(fields: dict[str, Any], block: dict[str, Any], model: nn.Module,
             )
 
 
-def load_adapter(
-    model: nn.Module, path: str | Path, name: str = "default", *, check_base: bool = True
-) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, check_base: bool = True) -> nn.Module:
     """Attach the adapter stored at ``path`` (lorakit or PEFT LoRA/DoRA format) as ``name``; returns ``model``.
 
     Checks the config, the weights file, key names, shapes against the base and finite values;
@@ -269,8 +270,10 @@ def _drop_saved_embeddings(tensors: dict[str, torch.Tensor], model: nn.Module, f
     for key in [k for k in tensors if k.endswith(".base_layer.weight")]:
         module = names.get(key[len(PREFIX) : -len(".base_layer.weight")])
         weight = getattr(module, "weight", None)
-        if weight is not None and weight.shape == tensors[key].shape and torch.allclose(
-            weight.detach().float(), tensors[key].float(), rtol=1e-4, atol=1e-6
+        if (
+            weight is not None
+            and weight.shape == tensors[key].shape
+            and torch.allclose(weight.detach().float(), tensors[key].float(), rtol=1e-4, atol=1e-6)
         ):
             del tensors[key]
         else:

@@ -12,7 +12,6 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 
-
 class _MethodsPackage(types.ModuleType):
     """This package is also callable: ``lk.methods()`` lists the registered method names, while
     ``import lorakit.methods.lora`` keeps working (a plain function would shadow the package)."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -143,7 +143,9 @@ def spec_of_config(cfg: Any) -> MethodSpec:
     for spec in REGISTRY.values():
         if type(cfg) is spec.config:
             return spec
-    raise ConfigError(f"{type(cfg).__name__} is not the config of any registered method; use lk.method_config(name, ...).")
+    raise ConfigError(
+        f"{type(cfg).__name__} is not the config of any registered method; use lk.method_config(name, ...)."
+    )
 
 
 def require(ok: bool, message: str) -> None:

@@ -37,15 +37,21 @@ def _format_of(row: Any, where: str) -> str:
         if all(k in row for k in keys):
             return name
     raise ConfigError(
-        f"{where}: unknown record with keys {sorted(row)}; expected {{'prompt','completion'}}, {{'messages'}} or {{'text'}}."
+        f"{where}: unknown record with keys {sorted(row)}; "
+        "expected {'prompt','completion'}, {'messages'} or {'text'}."
     )
 
 
 def _check_row(row: dict[str, Any], fmt: str, where: str) -> None:
     if fmt == "messages":
         msgs = row["messages"]
-        ok = isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ok = (
+            isinstance(msgs, list)
+            and msgs
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs
+            )
         )
         if not ok:
             raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}.")

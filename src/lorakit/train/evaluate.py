@@ -87,7 +87,10 @@ def mean_loss(model: nn.Module, records: Sequence[Record], pad_id: int, batch_si
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         labels = batch["labels"][:, 1:]  # (B, T-1): token t predicts t+1
         loss = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
         )
         total += float(loss)
         count += int((labels != IGNORE).sum())

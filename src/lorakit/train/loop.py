@@ -132,6 +132,24 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any) -> tupl
         raise ConfigError(f"cannot resume from {path}: {e}; delete it to start over.") from e
 
 
+def _accumulate(
+    model: nn.Module, acc: Any, records: Sequence[Record], cfg: TrainConfig, step: int, pad_id: int
+) -> tuple[float, int]:
+    """Forward + backward over the step's micro-batches, then clip; returns (loss, tokens)."""
+    step_loss, step_tokens = 0.0, 0
+    for j in range(cfg.grad_accum):
+        idx = batch_indices(len(records), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed)
+        batch = {k: v.to(acc.device) for k, v in collate([records[i] for i in idx], pad_id).items()}
+        with acc.autocast():
+            loss = model(**batch).loss / cfg.grad_accum
+        acc.backward(loss)
+        step_loss += float(loss.detach())
+        step_tokens += int(batch["attention_mask"].sum())
+    if cfg.max_grad_norm:
+        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    return step_loss, step_tokens
+
+
 def train(
     model: nn.Module,
     records: Sequence[Record],
@@ -168,17 +186,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress or not acc.is_local_main_process)
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
-        step_loss, step_tokens = 0.0, 0
-        for j in range(cfg.grad_accum):
-            idx = batch_indices(len(records), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed)
-            batch = {k: v.to(acc.device) for k, v in collate([records[i] for i in idx], pad_id).items()}
-            with acc.autocast():
-                loss = model(**batch).loss / cfg.grad_accum
-            acc.backward(loss)
-            step_loss += float(loss.detach())
-            step_tokens += int(batch["attention_mask"].sum())
-        if cfg.max_grad_norm:
-            acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        step_loss, step_tokens = _accumulate(model, acc, records, cfg, step, pad_id)
         lr = sched.get_last_lr()[0]  # the rate this step used
         opt.step()
         sched.step()

@@ -20,7 +20,9 @@ def plot_losses(losses: Sequence[float], file: str | Path, *, title: str = "trai
     ax.plot(steps, losses, lw=1, alpha=0.5 if len(losses) > 20 else 1.0, label="loss")
     if len(losses) > 20:
         k = max(2, len(losses) // 20)
-        avg = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        avg = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))
+        ]
         ax.plot(steps, avg, lw=2, label=f"mean of {k}")
         ax.legend()
     if min(losses, default=1.0) > 0:

@@ -77,7 +77,9 @@ def _data(spec: RunSpec, tok: Any, chat: bool, seed: int) -> tuple[list[Record],
     return (pack(records, spec.max_len) if spec.packing else records), held_records, held
 
 
-def _evaluate(model: nn.Module, tok: Any, held_records: list[Record], held: list[Example], chat: bool) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, tok: Any, held_records: list[Record], held: list[Example], chat: bool
+) -> dict[str, float]:
     out: dict[str, float] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if held_records:
@@ -112,7 +114,9 @@ def run_training(
     report.train_seconds, report.tokens_per_s, report.losses = result.seconds, result.tokens_per_s, result.losses
     if held:
         predictions = exact_match(model, tok, held[:5], chat=chat).predictions
-        report.samples = [{"prompt": e.prompt, "answer": e.answer, "prediction": p} for e, p in zip(held, predictions)]
+        report.samples = [
+            {"prompt": e.prompt, "answer": e.answer, "prediction": p} for e, p in zip(held, predictions, strict=False)
+        ]
     lk.save_adapter(model, out_dir)
     plot_losses(result.losses, out_dir / "loss_curve.png", title=f"{spec.method} on {spec.task or spec.data}")
     atomic_write_text(out_dir / "train_report.json", json.dumps(asdict(report), indent=2) + "\n")

@@ -15,12 +15,60 @@ from dataclasses import dataclass
 
 from lorakit.errors import ConfigError
 
-WORDS = (
-    "apple river stone cloud tiger maple honey glass piano candle forest silver rocket garden "
-    "lemon violet copper island basket pepper meadow falcon marble orange winter summer bridge "
-    "castle dragon feather harbor jungle kettle ladder mirror needle pillow rabbit saddle tunnel "
-    "velvet wagon yellow zebra anchor bottle carpet desert engine fabric guitar helmet"
-).split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "maple",
+    "honey",
+    "glass",
+    "piano",
+    "candle",
+    "forest",
+    "silver",
+    "rocket",
+    "garden",
+    "lemon",
+    "violet",
+    "copper",
+    "island",
+    "basket",
+    "pepper",
+    "meadow",
+    "falcon",
+    "marble",
+    "orange",
+    "winter",
+    "summer",
+    "bridge",
+    "castle",
+    "dragon",
+    "feather",
+    "harbor",
+    "jungle",
+    "kettle",
+    "ladder",
+    "mirror",
+    "needle",
+    "pillow",
+    "rabbit",
+    "saddle",
+    "tunnel",
+    "velvet",
+    "wagon",
+    "yellow",
+    "zebra",
+    "anchor",
+    "bottle",
+    "carpet",
+    "desert",
+    "engine",
+    "fabric",
+    "guitar",
+    "helmet",
+]
 
 
 @dataclass(frozen=True)
