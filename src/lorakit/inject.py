@@ -105,7 +105,8 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
             re.compile(targets)
         except re.error as e:
             raise TargetError(f"targets {targets!r} is not a valid regular expression: {e}.") from e
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head: Any = getattr(model, "get_output_embeddings", None)  # transformers models have one
+    head = get_head() if callable(get_head) else None
     head = head.base_layer if isinstance(head, AdaptedLayer) else head
     chosen: list[str] = []
     for name, module in logical_modules(model):
@@ -252,7 +253,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for module_name, wrapper in list(wrappers(out)):
         base = wrapper.base_layer
         if wrapper.active is not None and wrapper.active in wrapper.adapters:
-            adapter = wrapper.adapters[wrapper.active]
+            adapter: Any = wrapper.adapters[wrapper.active]
             spec = adapter_info(out, wrapper.active).spec
             if not spec.mergeable:
                 raise ConfigError(f"method {spec.name!r} cannot be merged exactly into the base weights.")
@@ -263,8 +264,9 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             # and the config must stop saying they are tied, or tie_weights()/reloading would undo the merge
             tied = sum(p is base.weight for _, p in out.named_parameters(remove_duplicate=False)) > 1
             base.weight = nn.Parameter(merged, requires_grad=False)
-            if tied and getattr(getattr(out, "config", None), "tie_word_embeddings", False):
-                out.config.tie_word_embeddings = False
+            config: Any = getattr(out, "config", None)
+            if tied and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
         _replace(out, module_name, base)
     out.__dict__.pop("_lorakit_adapters", None)
     return out

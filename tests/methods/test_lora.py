@@ -75,3 +75,28 @@ def test_to_lora_truncation_is_best_low_rank_approximation():
         f = adapter.to_lora(base, rank=k)
         err = torch.linalg.norm(full - f.scale * f.B @ f.A)
         assert err.item() == pytest.approx(S[k:].square().sum().sqrt().item(), rel=1e-4, abs=1e-6)
+
+
+def test_train_only_B_freezes_a_row_orthonormal_A(tmp_path):
+    """Asymmetry in LoRA: A is random, row-orthonormal and never trains; only B (r·d_out per layer) does."""
+    from lorakit.train.data import IGNORE, Record
+    from lorakit.train.loop import TrainConfig, train
+
+    model = tiny_llama()
+    x = torch.randint(0, 256, (2, 6))
+    y0 = model(x).logits
+    lk.attach(model, lk.method_config("lora", r=4, train_only="B"), targets=["q_proj", "down_proj", "lm_head"])
+    torch.testing.assert_close(model(x).logits, y0)  # B = 0: identity at init
+    adapters = [m for m in model.modules() if isinstance(m, Lora)]
+    for a in adapters:
+        torch.testing.assert_close(a.A @ a.A.T, torch.eye(4), atol=1e-5, rtol=0)
+        assert not a.A.requires_grad and a.B.requires_grad
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(4 * a.B.shape[0] for a in adapters)
+    A_before = [a.A.detach().clone() for a in adapters]
+    records = [Record([5, 6, 7, 42, 42, 42], [IGNORE] * 3 + [42] * 3)] * 8
+    lk.set_active(model, "default")  # re-activating must not unfreeze A
+    result = train(model, records, TrainConfig(steps=5, batch_size=4, lr=1e-2), out_dir=tmp_path, pad_id=0,
+                   progress=False)  # fmt: skip
+    assert result.losses[-1] < result.losses[0]
+    assert all(torch.equal(a.A, before) for a, before in zip(adapters, A_before, strict=True))
+    assert any(torch.count_nonzero(a.B) > 0 for a in adapters)

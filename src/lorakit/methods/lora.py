@@ -34,12 +34,15 @@ class LoraConfig:
     """Rank-stabilised scaling alpha/sqrt(r) (rsLoRA), which keeps the update's scale steady as r grows."""
     init: str = "default"
     """'default' (Kaiming-uniform A, zero B, as PEFT) or 'gaussian' (A ~ N(0, 1/r²), zero B)."""
+    train_only: str | None = None
+    """'B': train only B over a frozen random row-orthonormal A (Asymmetry in LoRA, arXiv:2402.16842)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}.")
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}.")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
         require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}.")
+        require(self.train_only in (None, "B"), f"train_only must be None or 'B', got {self.train_only!r}.")
 
     @property
     def scale(self) -> float:
@@ -52,7 +55,7 @@ class LoraConfig:
     paper="LoRA: Low-Rank Adaptation of Large Language Models (+ rsLoRA scaling)",
     url="https://arxiv.org/abs/2106.09685",
     family="F1",
-    params="r*(d_in+d_out)",
+    params="r*d_out if train_only == 'B' else r*(d_in+d_out)",
 )
 class Lora(nn.Module):
     """x ↦ W₀x + s·B·A·x with A (r, in), B (out, r)."""
@@ -62,7 +65,10 @@ class Lora(nn.Module):
     def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, kind: str, weight: torch.Tensor):
         super().__init__()
         self.config, self.kind, self.scale = cfg, kind, cfg.scale
-        factory: dict[str, Any] = {"dtype": weight.dtype if weight.is_floating_point() else None, "device": weight.device}
+        factory: dict[str, Any] = {
+            "dtype": weight.dtype if weight.is_floating_point() else None,
+            "device": weight.device,
+        }
         self.A = nn.Parameter(torch.empty(cfg.r, in_features, **factory))  # (r, in)
         self.B = nn.Parameter(torch.empty(out_features, cfg.r, **factory))  # (out, r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and kind != "embedding" else nn.Identity()
@@ -71,10 +77,14 @@ class Lora(nn.Module):
     @classmethod
     def from_base(cls, base: nn.Module, cfg: LoraConfig) -> Lora:
         in_features, out_features = L.dims(base)
-        return cls(cfg, in_features, out_features, L.layer_kind(base), base.weight)
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        return cls(cfg, in_features, out_features, L.layer_kind(base), weight)
 
     def reset_parameters(self) -> None:
-        if self.kind == "embedding":  # PEFT's embedding init: the roles of A and B swap
+        if self.config.train_only == "B":  # a random row-orthonormal A (A·Aᵀ = I), frozen; B = 0
+            nn.init.orthogonal_(self.A)
+            nn.init.zeros_(self.B)
+        elif self.kind == "embedding":  # PEFT's embedding init: the roles of A and B swap
             nn.init.zeros_(self.A)
             nn.init.normal_(self.B)
         elif self.config.init == "gaussian":
@@ -83,6 +93,12 @@ class Lora(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
             nn.init.zeros_(self.B)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Lora:
+        super().requires_grad_(requires_grad)
+        if self.config.train_only == "B":
+            self.A.requires_grad_(False)  # frozen for good: only B ever trains
+        return self
 
     def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """s·B·A·x, shape (..., out)."""
