@@ -115,6 +115,13 @@ def test_every_verb_has_help():
         assert result.exit_code == 0, result.output
         first_words = " ".join(command.callback.__doc__.split()[:3])
         assert first_words in " ".join(result.stdout.split()), (name, result.stdout)
+    top = invoke("--help")
+    assert top.exit_code == 0 and all(name in top.stdout for name in names)
+    for verb, shown in (("train", ("--steps <int>", "--lr <float>", "--out <path>", "(default 100)", "(default 2e-4)")),
+                        ("demo", ("--steps <int range>", "[default: 30]"))):  # fmt: skip
+        text = " ".join(invoke(verb, "--help").stdout.replace("│", " ").split())
+        for typed in shown:
+            assert typed in text, (verb, typed)  # typed options and their defaults are shown
 
 
 def test_generate_base_and_adapter_on_a_local_checkpoint(tiny_checkpoint, tmp_path):
