@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit as lk
 from lorakit.inject import AdaptedLayer, find_targets
 from lorakit.methods import REGISTRY
-from lorakit.testing import tiny_gpt2, tiny_llama
+from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import adapt, has_wrappers, logits, tokens
 
 X = tokens()
@@ -244,3 +244,15 @@ def test_attach_freezes_the_base_and_returns_the_model():
 
 def test_methods_lists_the_registry():
     assert lk.methods() == sorted(REGISTRY) and {"lora", "dora"} <= set(lk.methods())
+
+
+def test_attached_adapters_follow_the_models_mode():
+    """On an eval model a freshly attached adapter is in eval mode too: no dropout at inference."""
+    model = tiny_llama().eval()
+    lk.attach(model, lk.method_config("lora", r=4, dropout=0.5), targets=["q_proj"])
+    assert all(not m.training for m in model.modules())
+    x = torch.randint(0, 256, (2, 5))
+    randomize_adapters(model)
+    torch.testing.assert_close(model(x).logits, model(x).logits)  # deterministic: dropout is off
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -154,6 +154,7 @@ def _wrapper_for(model: nn.Module, name: str) -> AdaptedLayer:
         return module
     parent_name, _, child = name.rpartition(".")
     wrapper = AdaptedLayer(module)
+    wrapper.train(module.training)  # the wrapper (and its adapter dict) take the wrapped layer's mode
     setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
     return wrapper
 
@@ -186,6 +187,7 @@ def attach(
     for p in model.parameters():
         p.requires_grad_(False)
     for module_name, adapter in built.items():
+        adapter.train(model.training)  # an adapter follows the model's mode (no dropout on an eval model)
         _wrapper_for(model, module_name).adapters[name] = adapter
     _registry(model)[name] = AdapterInfo(cfg, spec, chosen)
     set_active(model, name)

@@ -37,6 +37,19 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=mask).logits * mask[..., None]  # (N, T, V), pads zeroed
 
 
+def _score(model: nn.Module, tok: Any, held: list[Any], chat: bool) -> tuple[float, list[dict[str, str]]]:
+    """Held-out exact match, and the first three (prompt, answer, prediction) rows, printed."""
+    from lorakit.train import exact_match
+
+    em = exact_match(model, tok, held, chat=chat, progress=True)
+    rows = [
+        {"prompt": e.prompt, "answer": e.answer, "prediction": p}
+        for e, p in zip(held[:3], em.predictions[:3], strict=True)
+    ]
+    _samples(rows)
+    return em.accuracy, rows
+
+
 def _samples(table_rows: list[dict[str, str]]) -> None:
     for row in table_rows:
         ok = row["prediction"] == row["answer"]
@@ -97,8 +110,8 @@ def run_demo(
     """Run the whole lifecycle, write everything under ``out_dir`` and return the summary (also in summary.json)."""
     import lorakit as lk
     from lorakit.models import smollm2_cache
-    from lorakit.train import TrainConfig, encode_rows, exact_match, task_examples, train
-    from lorakit.train.data import collate
+    from lorakit.train import TrainConfig, encode_rows, task_examples, train
+    from lorakit.train.data import collate, pad_id
 
     out_dir = Path(out_dir)
     s: dict[str, Any] = {"base": base, "out": str(out_dir), "task": TASK}
@@ -109,19 +122,13 @@ def run_demo(
         model, tok = lk.load_base(base)
     s["load_s" if was_cached else "first_load_s"] = time.perf_counter() - t0
     chat = bool(getattr(tok, "chat_template", None))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     s["total_params"] = sum(p.numel() for p in model.parameters())
 
     out.rule(f"2. the base model on {HELDOUT} held-out '{TASK}' questions")
     held = task_examples(TASK, "heldout", HELDOUT, seed=seed)
-    before = exact_match(model, tok, held, chat=chat, progress=True)
-    s["accuracy_before"] = before.accuracy
-    s["samples_before"] = [
-        {"prompt": e.prompt, "answer": e.answer, "prediction": p}
-        for e, p in zip(held[:3], before.predictions[:3], strict=True)
-    ]
-    _samples(s["samples_before"])
-    out.print(f"held-out exact match: {before.accuracy:.0%}")
+    s["accuracy_before"], s["samples_before"] = _score(model, tok, held, chat)
+    out.print(f"held-out exact match: {s['accuracy_before']:.0%}")
 
     out.rule(f"3. attach LoRA (r=8, alpha=16, all-linear) and train it for {steps} steps")
     lk.attach(model, lk.method_config("lora", r=8, alpha=16), targets="all-linear")
@@ -139,14 +146,8 @@ def run_demo(
     out.print(f"loss {s['loss_before']:.3f} -> {s['loss_after']:.4f} in {steps} steps ({result.seconds:.0f} s)")
 
     out.rule("4. the adapted model on the same held-out questions")
-    after = exact_match(model, tok, held, chat=chat, progress=True)
-    s["accuracy_after"] = after.accuracy
-    s["samples_after"] = [
-        {"prompt": e.prompt, "answer": e.answer, "prediction": p}
-        for e, p in zip(held[:3], after.predictions[:3], strict=True)
-    ]
-    _samples(s["samples_after"])
-    out.print(f"held-out exact match: {before.accuracy:.0%} -> {after.accuracy:.0%}")
+    s["accuracy_after"], s["samples_after"] = _score(model, tok, held, chat)
+    out.print(f"held-out exact match: {s['accuracy_before']:.0%} -> {s['accuracy_after']:.0%}")
 
     out.rule("5. save, reload onto a fresh base, merge")
     adapter_dir = lk.save_adapter(model, out_dir / "adapters" / TASK)

@@ -10,6 +10,7 @@ import typer
 
 from lorakit.cli._common import err, friendly_errors
 from lorakit.errors import ConfigError
+from lorakit.train.data import pad_id
 
 
 def prompt_ids(tok: Any, prompt: str, chat: bool) -> torch.Tensor:
@@ -28,7 +29,7 @@ def prompt_ids(tok: Any, prompt: str, chat: bool) -> torch.Tensor:
 def greedy(model: Any, tok: Any, prompt: str, *, chat: bool, max_new_tokens: int = 48) -> str:
     """The model's greedy continuation of ``prompt`` (special tokens removed, whitespace stripped)."""
     ids = prompt_ids(tok, prompt, chat)  # (1, T)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     new = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
     )[0, ids.shape[1] :]  # (new,)

@@ -166,7 +166,7 @@ def evaluate(
 ) -> None:
     """Evaluate a base model, or a base plus ADAPTER, on a task's held-out split or a JSONL file."""
     import lorakit as lk
-    from lorakit.train.data import encode_rows, read_jsonl
+    from lorakit.train.data import encode_rows, pad_id, read_jsonl
     from lorakit.train.evaluate import exact_match, mean_loss
     from lorakit.train.tasks import Example, task_examples
 
@@ -182,7 +182,7 @@ def evaluate(
     else:
         fmt, rows = read_jsonl(data or "")
         examples = [Example(r["prompt"], r["completion"]) for r in rows] if fmt == "prompt_completion" else []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     loss, ppl = mean_loss(model, encode_rows(tok, fmt, rows, chat=use_chat, max_len=1024), pad)
     table = Table(title=f"lorakit eval: {adapter or base} on {task or data}")
     table.add_column("metric")

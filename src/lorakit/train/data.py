@@ -89,6 +89,11 @@ def read_jsonl(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     return fmt, rows
 
 
+def pad_id(tok: Any) -> int:
+    """The tokenizer's pad token id, or its end-of-sequence id when it has no pad token."""
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
 def _ids(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 

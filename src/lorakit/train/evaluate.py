@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.train.data import IGNORE, Record, collate
+from lorakit.train.data import IGNORE, Record, collate, pad_id
 from lorakit.train.tasks import Example
 
 
@@ -48,7 +48,7 @@ def exact_match(
     """Greedy-decode every prompt (left-padded batches) and compare the first line with the answer."""
     was_training = model.training
     model.eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     device = next(model.parameters()).device
     preds: list[str] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress):

@@ -18,7 +18,7 @@ from torch import nn
 import lorakit as lk
 from lorakit.errors import ConfigError
 from lorakit.io.atomic import atomic_write_text
-from lorakit.train.data import Record, encode_rows, pack, read_jsonl
+from lorakit.train.data import Record, encode_rows, pack, pad_id, read_jsonl
 from lorakit.train.evaluate import exact_match, mean_loss
 from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.tasks import Example, task_examples
@@ -81,7 +81,7 @@ def _evaluate(
     model: nn.Module, tok: Any, held_records: list[Record], held: list[Example], chat: bool
 ) -> dict[str, float]:
     out: dict[str, float] = {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     if held_records:
         out["loss"], out["perplexity"] = mean_loss(model, held_records, pad)
     if held:
@@ -108,7 +108,7 @@ def run_training(
     resume = resume and (out_dir / "checkpoint.pt").exists()  # then the weights come from the checkpoint
     if not resume:
         lk.save_adapter(model, out_dir)  # out_dir is an adapter dir from the start
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     result: TrainResult = train(model, records, cfg, out_dir=out_dir, pad_id=pad, resume=resume, progress=progress)
     report.after = _evaluate(model, tok, held_records, held, chat)
     report.train_seconds, report.tokens_per_s, report.losses = result.seconds, result.tokens_per_s, result.losses
