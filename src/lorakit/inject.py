@@ -38,10 +38,15 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base, adapters, active = self.base_layer, self.adapters, self.active  # one lookup each: runs per layer per step
-        y = base(x, *args, **kwargs)
         if active is None or active not in adapters:
-            return y
-        return adapters[active](x, base, y)
+            return base(x, *args, **kwargs)
+        adapter = adapters[active]
+        fused = getattr(adapter, "fused_forward", None)  # optional: base + adapter in one autograd node
+        if fused is not None and not args and not kwargs:
+            out = fused(x, base)
+            if out is not None:
+                return out
+        return adapter(x, base, base(x, *args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:  # keep the base layer's names: weight, bias, in_features, ...
         try:

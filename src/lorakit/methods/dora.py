@@ -36,6 +36,9 @@ class DoraConfig(LoraConfig):
 class Dora(Lora):
     """x ↦ g ⊙ (W₀x + s·B·A·x) + b with g = m / ‖W₀ + s·B·A‖_row (detached norm)."""
 
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> None:
+        return None  # LoRA's fused training node does not apply: the gain g rescales the base output
+
     def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, kind: str, weight: torch.Tensor):
         super().__init__(cfg, in_features, out_features, kind, weight)
         self.m = nn.Parameter(torch.ones(out_features, dtype=self.A.dtype, device=self.A.device))  # (out,)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lorakit.methods import _layers as L
 from lorakit.methods._api import LoraFactors, register, require
+from lorakit.methods._fused import LoraLinearFn
 from lorakit.methods._lowrank import truncate
 
 INITS = ("default", "gaussian")
@@ -104,6 +105,17 @@ class Lora(nn.Module):
         """s·B·A·x, shape (..., out)."""
         h = L.project_in(base, self.dropout(x), self.A)  # (..., r)
         return torch.nn.functional.linear(h, self.B) * self.scale  # (..., out)
+
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """Training on a frozen nn.Linear: base and adapter in one autograd node (methods/_fused.py)."""
+        if type(base) is not nn.Linear or not torch.is_grad_enabled() or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        W, bias = base.weight, base.bias
+        frozen = not W.requires_grad and (bias is None or not bias.requires_grad)
+        if not (frozen and x.dtype == W.dtype == self.A.dtype):
+            return None
+        p = float(getattr(self.dropout, "p", 0.0)) if self.training else 0.0
+        return LoraLinearFn.apply(x, W, bias, self.A, self.B, self.scale, p)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         B = self.B
