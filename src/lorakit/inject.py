@@ -42,7 +42,7 @@ class AdaptedLayer(nn.Module):
             return base(x, *args, **kwargs)
         adapter = adapters[active]
         fused = getattr(adapter, "fused_forward", None)  # optional: base + adapter in one autograd node
-        if fused is not None and not args and not kwargs:
+        if fused is not None and torch.is_grad_enabled() and not args and not kwargs:  # training only
             out = fused(x, base)
             if out is not None:
                 return out

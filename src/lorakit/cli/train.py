@@ -7,6 +7,7 @@ names (``batch_size`` or ``batch-size``); flags given on the command line win ov
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -126,9 +127,8 @@ def train(
     from lorakit.train.loop import TrainConfig
     from lorakit.train.run import RunSpec, run_training
 
-    flags = {
-        k: v for k, v in locals().items() if k not in ("config", "torch", "TrainConfig", "RunSpec", "run_training")
-    }
+    given = locals()  # exactly this command's parameters (an allow-list, so local names never leak in)
+    flags = {name: given[name] for name in inspect.signature(train).parameters if name != "config"}
     flags["resume"] = resume or None
     s = merge_settings(flags, config)
     if s.get("out") is None:
