@@ -1,0 +1,191 @@
+"""Adapters as plain low-rank factors: read any adapter dir as {module: (A, B, scale)}, write factors back.
+
+Extraction, merging, resizing and analysis work on this form (``ΔW = scale·B@A`` in (out, in)
+orientation for every layer kind; an embedding's weight is the transpose). The written dir is
+a PEFT LoRA dir: per-module ranks go to ``rank_pattern`` with ``alpha_pattern`` = rank, so every
+module's scale is 1 and ``B@A`` is the delta itself. Whole replaced modules (changed norms,
+embeddings, heads) travel as PEFT ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+import lorakit
+from lorakit.errors import AdapterFormatError
+from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_config, read_tensors
+from lorakit.io.atomic import atomic_dir
+from lorakit.methods._api import LoraFactors
+
+LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
+EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+
+
+@dataclass
+class AdapterFactors:
+    """An adapter as low-rank factors per module, plus whole saved modules and where it came from."""
+
+    factors: dict[str, LoraFactors]  # module -> ΔW = scale·B@A, (out, in)
+    kinds: dict[str, str]  # module -> "linear" | "conv1d" | "embedding" (how the factors apply to the base)
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save: module -> params
+    base_name: str | None = None
+    task_type: str | None = None
+    fingerprint: dict[str, float] = field(default_factory=dict)  # base weight norms (see io.adapter)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The (out, in) delta of ``module`` in float32."""
+        f = self.factors[module]
+        return f.scale * (f.B.float() @ f.A.float())
+
+    def ranks(self) -> dict[str, int]:
+        return {m: int(f.A.shape[0]) for m, f in self.factors.items()}
+
+
+def _pattern(patterns: Mapping[str, Any] | None, module: str) -> Any | None:
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def _scale(fields: dict[str, Any], module: str, r: int) -> float:
+    alpha = _pattern(fields.get("alpha_pattern"), module)
+    alpha = float(fields.get("lora_alpha", 8) if alpha is None else alpha)
+    return alpha / (math.sqrt(r) if fields.get("use_rslora") else r)
+
+
+def read_factors(path: str | Path) -> AdapterFactors:
+    """Read a plain LoRA adapter dir (PEFT or lorakit) as factors; other methods get a clear error."""
+    path = Path(path)
+    fields = read_config(path)
+    if fields.get("peft_type") != "LORA" or fields.get("use_dora") or isinstance(fields.get("lorakit"), dict):
+        method = (fields.get("lorakit") or {}).get("method") or fields.get("peft_type")
+        raise AdapterFormatError(
+            f"{path}: method {method!r} is not a plain LoRA; convert it first with "
+            "`lorakit export` or load it onto its base and use the method's to_lora()."
+        )
+    tensors, block = read_tensors(path / WEIGHTS_NAME)
+    factors: dict[str, LoraFactors] = {}
+    kinds: dict[str, str] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    modules_to_save = fields.get("modules_to_save") or []
+    for key in sorted(tensors):
+        if not key.startswith(PREFIX):
+            raise AdapterFormatError(f"{path / WEIGHTS_NAME}: key {key!r} does not start with {PREFIX!r}.")
+        module, suffix = _split(key[len(PREFIX) :])
+        if suffix in (LINEAR_KEYS[0], EMBEDDING_KEYS[0]):
+            kind = "embedding" if suffix == EMBEDDING_KEYS[0] else "linear"
+            b_key = f"{PREFIX}{module}.{(EMBEDDING_KEYS if kind == 'embedding' else LINEAR_KEYS)[1]}"
+            if b_key not in tensors:
+                raise AdapterFormatError(f"{path / WEIGHTS_NAME}: {key} has no matching {b_key}.")
+            A, B = tensors[key], tensors[b_key]
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+                raise AdapterFormatError(
+                    f"{path / WEIGHTS_NAME}: {module} has A {tuple(A.shape)} and B {tuple(B.shape)}, "
+                    "which do not form B@A."
+                )
+            factors[module] = LoraFactors(A, B, _scale(fields, module, A.shape[0]))
+            kinds[module] = kind
+        elif suffix in (LINEAR_KEYS[1], EMBEDDING_KEYS[1]):
+            continue
+        elif any(module == m or module.endswith("." + m) for m in modules_to_save):
+            saved[module][suffix] = tensors[key]
+        else:
+            raise AdapterFormatError(f"{path / WEIGHTS_NAME}: key {key!r} is neither a LoRA factor nor a saved module.")
+    if fields.get("fan_in_fan_out"):
+        kinds = {m: ("conv1d" if k == "linear" else k) for m, k in kinds.items()}
+    return AdapterFactors(
+        factors,
+        kinds,
+        dict(saved),
+        fields.get("base_model_name_or_path"),
+        fields.get("task_type"),
+        dict(block.get("base_fingerprint") or {}),
+    )
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(module, suffix) of a key tail: LoRA suffixes have two parts, saved-module params one."""
+    for suffix in (*LINEAR_KEYS, *EMBEDDING_KEYS):
+        if name.endswith("." + suffix):
+            return name[: -len(suffix) - 1], suffix
+    module, _, param = name.rpartition(".")
+    return module, param
+
+
+def write_factors(
+    path: str | Path,
+    adapter: AdapterFactors,
+    *,
+    dtype: torch.dtype | None = None,
+    extra_files: Mapping[str, bytes | str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``adapter`` as a PEFT LoRA dir (atomic). Scales are folded into B so every module has scale 1."""
+    if not adapter.factors and not adapter.saved:
+        raise AdapterFormatError(f"nothing to write to {path}: the adapter has no modules.")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks = adapter.ranks()
+    for module, f in adapter.factors.items():
+        A, B = f.A, f.B * f.scale
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        keys = EMBEDDING_KEYS if adapter.kinds.get(module) == "embedding" else LINEAR_KEYS
+        tensors[f"{PREFIX}{module}.{keys[0]}"] = A.contiguous()
+        tensors[f"{PREFIX}{module}.{keys[1]}"] = B.contiguous()
+    for module, params in adapter.saved.items():
+        for param, t in params.items():
+            tensors[f"{PREFIX}{module}.{param}"] = (t.to(dtype) if dtype is not None else t).contiguous()
+    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    differing = {m: k for m, k in ranks.items() if k != r}
+    modules = list(adapter.factors)
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_name,
+        "revision": None,
+        "inference_mode": True,
+        "target_modules": "(" + "|".join(re.escape(m) for m in modules) + ")" if modules else None,
+        "exclude_modules": None,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": {re.escape(m): k for m, k in differing.items()},
+        "alpha_pattern": {re.escape(m): k for m, k in differing.items()},
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "fan_in_fan_out": "conv1d" in adapter.kinds.values(),
+        "bias": "none",
+        "modules_to_save": list(adapter.saved) or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    block = {
+        "version": lorakit.__version__,
+        "method": "lora",
+        "modules": modules,
+        "base_fingerprint": adapter.fingerprint,
+        **({"provenance": dict(provenance)} if provenance else {}),
+    }
+    with atomic_dir(path, marker=CONFIG_NAME) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        metadata = {"format": "pt", "lorakit": json.dumps(block)}
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            if isinstance(content, str):
+                target.write_text(content)
+            else:
+                target.write_bytes(content)
+    return Path(path)
