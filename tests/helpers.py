@@ -17,6 +17,14 @@ GPT2_TARGETS = ["c_attn", "c_proj", "c_fc", "wte"]
 # name -> (builder, targets covering every supported layer kind of that model)
 MODELS = {"llama": (tiny_llama, LLAMA_TARGETS), "gpt2": (tiny_gpt2, GPT2_TARGETS)}
 TARGETS_BY_CLASS = {"LlamaForCausalLM": LLAMA_TARGETS, "GPT2LMHeadModel": GPT2_TARGETS}
+EMBEDDINGS = {"embed_tokens", "wte"}
+
+
+def targets_for(method: str, targets: list[str]) -> list[str]:
+    """``targets`` without the embedding modules when ``method`` does not wrap embeddings."""
+    if "embedding" in REGISTRY[method].layers:
+        return targets
+    return [t for t in targets if t not in EMBEDDINGS]
 
 
 def tokens(batch: int = 2, length: int = 8, seed: int = 123) -> torch.Tensor:
@@ -51,7 +59,7 @@ def adapt(
 ) -> nn.Module:
     """Attach ``method`` (seeded init) to the model's full target list and optionally randomize it."""
     torch.manual_seed(seed)
-    targets = targets if targets is not None else TARGETS_BY_CLASS[type(model).__name__]
+    targets = targets if targets is not None else targets_for(method, TARGETS_BY_CLASS[type(model).__name__])
     lk.attach(model, config_for(method, r=r, **opts), targets=targets, name=name)
     if randomize:
         randomize_adapters(model, seed=seed)

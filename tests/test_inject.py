@@ -256,3 +256,15 @@ def test_attached_adapters_follow_the_models_mode():
     torch.testing.assert_close(model(x).logits, model(x).logits)  # deterministic: dropout is off
     model.train()
     assert all(m.training for m in model.modules())
+
+
+def test_a_method_refuses_a_layer_kind_it_does_not_support(monkeypatch):
+    import dataclasses
+
+    from lorakit.methods import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "lora", dataclasses.replace(REGISTRY["lora"], layers=("linear", "conv1d")))
+    model = tiny_llama()
+    with pytest.raises(lk.TargetError, match=r"cannot wrap model\.embed_tokens \(Embedding\)"):
+        lk.attach(model, lk.method_config("lora"), targets=["q_proj", "embed_tokens"])
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())  # nothing was wrapped

@@ -188,6 +188,11 @@ def attach(
     for module_name in chosen:  # build all first, so a failure leaves the model untouched
         base = model.get_submodule(module_name)
         base = base.base_layer if isinstance(base, AdaptedLayer) else base
+        if L.layer_kind(base, module_name) not in spec.layers:
+            raise TargetError(
+                f"method {spec.name!r} cannot wrap {module_name} ({type(base).__name__}); it supports "
+                f"{', '.join(spec.layers)} layers. Leave that module out of targets."
+            )
         built[module_name] = spec.adapter.from_base(base, module_config(cfg, module_name, rank_pattern, alpha_pattern))
     for p in model.parameters():
         p.requires_grad_(False)

@@ -6,6 +6,7 @@ import lorakit as lk
 from lorakit.inject import wrappers
 from lorakit.methods import _layers as L
 from lorakit.testing import tiny_gpt2, tiny_llama
+from tests.helpers import targets_for
 
 
 @pytest.mark.parametrize("method", sorted(lk.REGISTRY))
@@ -13,6 +14,8 @@ from lorakit.testing import tiny_gpt2, tiny_llama
 def test_trainable_params_match_formula(method, make, targets):
     model = make()
     spec = lk.REGISTRY[method]
+    if isinstance(targets, list):
+        targets = targets_for(method, targets)
     lk.attach(model, lk.method_config(method), targets=targets, rank_pattern={"down_proj": 2, "c_fc": 2})
     checked = 0
     for _, wrapper in wrappers(model):

@@ -19,6 +19,8 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 
+ALL_LAYERS = ("linear", "conv1d", "embedding")
+
 
 class LoraFactors(NamedTuple):
     """Plain low-rank form of an update: ΔW = scale · B @ A in (out, in) orientation."""
@@ -78,6 +80,7 @@ class MethodSpec:
     mergeable: bool  # delta_weight() is exact, so merge == unmerged forward
     family: str  # PAPERS.md family, e.g. "F1" (core LoRA & scaling)
     params: str  # trainable parameters per wrapped layer, in d_in, d_out and config fields
+    layers: tuple[str, ...] = ALL_LAYERS  # layer kinds the method wraps (see methods/_layers.py)
 
     def param_count(self, d_in: int, d_out: int, cfg: Any) -> int:
         """Evaluate :attr:`params` (a fixed arithmetic expression written by the method's author)."""
@@ -98,12 +101,14 @@ def register(
     params: str,
     identity_at_init: bool = True,
     mergeable: bool = True,
+    layers: tuple[str, ...] = ALL_LAYERS,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator that adds an adapter class to :data:`REGISTRY` under ``name``.
 
     ``params`` is the paper's trainable-parameter count per wrapped layer as an arithmetic
     expression in ``d_in``, ``d_out`` and the config's fields, e.g. ``"r*(d_in+d_out)"``; the
-    conformance suite checks it against the real count and the README shows it.
+    conformance suite checks it against the real count and the README shows it. ``layers``
+    lists the layer kinds the method can wrap; targeting another kind is a clear TargetError.
     """
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
@@ -112,7 +117,9 @@ def register(
         if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise TypeError(f"method {name!r}: its config {config.__name__} must be a frozen dataclass")
         cls.method_name = name  # type: ignore[attr-defined]
-        REGISTRY[name] = MethodSpec(name, cls, config, paper, url, identity_at_init, mergeable, family, params)
+        REGISTRY[name] = MethodSpec(
+            name, cls, config, paper, url, identity_at_init, mergeable, family, params, tuple(layers)
+        )
         return cls
 
     return wrap
