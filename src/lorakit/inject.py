@@ -3,7 +3,9 @@
 A targeted layer is replaced by an :class:`AdaptedLayer` that keeps the original as
 ``base_layer`` and holds one adapter per name; exactly one (or none) is active. Targets follow
 PEFT's rules: a list of module-name suffixes, a full-name regex, or ``"all-linear"`` (every
-Linear/Conv1D except the output head).
+Linear/Conv1D except the output head). Modules an adapter replaces whole (PEFT's
+``modules_to_save``: a classifier head, a changed norm or embedding) sit in a
+:class:`SavedModule` holding one trainable copy per adapter name.
 """
 
 from __future__ import annotations
@@ -57,6 +59,36 @@ class AdaptedLayer(nn.Module):
             return getattr(self.base_layer, name)
 
 
+class SavedModule(nn.Module):
+    """A module replaced whole per adapter (PEFT's ``modules_to_save``): forward runs the active copy."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base_layer = base
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+
+    def current(self) -> nn.Module:
+        """The active adapter's copy, or the original when that adapter saved none (or none is active)."""
+        if self.active is not None and self.active in self.copies:
+            return self.copies[self.active]
+        return self.base_layer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # keep the original's names (weight, num_embeddings, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+WRAPPERS = (AdaptedLayer, SavedModule)
+
+
 @dataclass
 class AdapterInfo:
     """What ``attach`` recorded about one named adapter (used to save it in PEFT's format)."""
@@ -64,6 +96,7 @@ class AdapterInfo:
     config: Any
     spec: MethodSpec
     modules: list[str]  # logical module names, e.g. "model.layers.0.self_attn.q_proj"
+    saved: list[str] = dataclasses.field(default_factory=list)  # modules_to_save: replaced whole
 
 
 def _registry(model: nn.Module) -> dict[str, AdapterInfo]:
@@ -90,7 +123,7 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if any(name.startswith(w + ".") for w in inside):
             continue
-        if isinstance(module, AdaptedLayer):
+        if isinstance(module, WRAPPERS):
             inside.append(name)
             yield name, module.base_layer
         else:
@@ -173,10 +206,13 @@ def attach(
     exclude: Targets | None = None,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
+    modules_to_save: Sequence[str] | None = None,
 ) -> nn.Module:
     """Add adapter ``name`` of ``cfg``'s method to every targeted module, make it active and trainable.
 
-    The base model is frozen; only the new adapter's parameters require grad. Returns ``model``.
+    ``modules_to_save`` (name suffixes, as PEFT) are modules the adapter replaces whole with a
+    trainable copy, e.g. a new classifier head. The base model is frozen; only the new adapter's
+    parameters require grad. Returns ``model``.
     """
     spec = spec_of_config(cfg)
     if not name or "." in name or not name.isidentifier():
@@ -184,6 +220,7 @@ def attach(
     if name in _registry(model):
         raise ConfigError(f"the model already has an adapter named {name!r}; delete_adapter() it or pick another name.")
     chosen = find_targets(model, targets, exclude)
+    saved = _saved_targets(model, modules_to_save or [], chosen)
     built = {}
     for module_name in chosen:  # build all first, so a failure leaves the model untouched
         base = model.get_submodule(module_name)
@@ -199,14 +236,48 @@ def attach(
     for module_name, adapter in built.items():
         adapter.train(model.training)  # an adapter follows the model's mode (no dropout on an eval model)
         _wrapper_for(model, module_name).adapters[name] = adapter
-    _registry(model)[name] = AdapterInfo(cfg, spec, chosen)
+    for module_name in saved:
+        holder = _holder_for(model, module_name)
+        holder.copies[name] = copy.deepcopy(holder.base_layer)
+    _registry(model)[name] = AdapterInfo(cfg, spec, chosen, saved)
     set_active(model, name)
     return model
+
+
+def _saved_targets(model: nn.Module, suffixes: Sequence[str], adapted: list[str]) -> list[str]:
+    """Logical names of the modules_to_save; each suffix must match, and none may also be adapted."""
+    if isinstance(suffixes, str):
+        suffixes = [suffixes]
+    names = [n for n, _ in logical_modules(model) if n and _name_matches(suffixes, n)]
+    unmatched = [s for s in suffixes if not any(_name_matches([s], n) for n in names)]
+    if unmatched:
+        raise TargetError(f"modules_to_save {unmatched!r} matched no module of {type(model).__name__}.")
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
+    both = sorted(set(names) & set(adapted))
+    if both:
+        raise TargetError(f"{both[0]!r} is both a target and in modules_to_save; it can only be one of them.")
+    return names
+
+
+def _holder_for(model: nn.Module, name: str) -> SavedModule:
+    module = model.get_submodule(name)
+    if isinstance(module, SavedModule):
+        return module
+    holder = SavedModule(module)
+    holder.train(module.training)
+    _replace(model, name, holder)
+    return holder
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for module_name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
+            yield module_name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    for module_name, module in model.named_modules():
+        if isinstance(module, SavedModule):
             yield module_name, module
 
 
@@ -218,16 +289,25 @@ def set_active(model: nn.Module, name: str | None) -> None:
         wrapper.active = name
         for adapter_name, adapter in wrapper.adapters.items():
             adapter.requires_grad_(adapter_name == name)
+    for _, holder in saved_modules(model):
+        holder.active = name
+        for adapter_name, module in holder.copies.items():
+            module.requires_grad_(adapter_name == name)
+
+
+def _holders(model: nn.Module) -> list[AdaptedLayer | SavedModule]:
+    """Every wrapper of the model: adapted layers and saved-module holders."""
+    return [m for m in model.modules() if isinstance(m, (AdaptedLayer, SavedModule))]
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    return next((w.active for _, w in wrappers(model)), None)
+    return next((w.active for w in _holders(model)), None)
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block; the previous active adapter comes back after."""
-    saved = [(w, w.active) for _, w in wrappers(model)]
+    saved = [(w, w.active) for w in _holders(model)]
     for w, _ in saved:
         w.active = None
     try:
@@ -247,6 +327,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             wrapper.active = None
         if len(wrapper.adapters) == 0:
             _replace(model, module_name, wrapper.base_layer)
+    for module_name, holder in list(saved_modules(model)):
+        if name in holder.copies:
+            del holder.copies[name]
+        if holder.active == name:
+            holder.active = None
+        if len(holder.copies) == 0:
+            _replace(model, module_name, holder.base_layer)
     del _registry(model)[name]
 
 
@@ -255,8 +342,19 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _untie(model: nn.Module, weight: torch.Tensor) -> None:
+    """About to replace ``weight``: if it is tied elsewhere (embeddings ↔ lm_head), mark the config untied.
+
+    The other user keeps the old tensor, and tie_weights()/reloading must not undo the change.
+    """
+    tied = sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) > 1
+    config: Any = getattr(model, "config", None)
+    if tied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+
+
 def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """A plain model (no wrappers) whose weights include the active adapter's delta.
+    """A plain model (no wrappers) whose weights include the active adapter's delta and saved modules.
 
     By default the input model is left as it was (the merge works on a deep copy); with
     ``inplace=True`` the model itself is rewritten (no extra memory, not reversible).
@@ -272,13 +370,15 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             with torch.no_grad():
                 delta = adapter.delta_weight(base)  # base layout
                 merged = base.weight + delta.to(base.weight.dtype)
-            # a new Parameter: a weight tied elsewhere (embeddings ↔ lm_head) must not change there too,
-            # and the config must stop saying they are tied, or tie_weights()/reloading would undo the merge
-            tied = sum(p is base.weight for _, p in out.named_parameters(remove_duplicate=False)) > 1
+            _untie(out, base.weight)  # type: ignore[arg-type]
             base.weight = nn.Parameter(merged, requires_grad=False)
-            config: Any = getattr(out, "config", None)
-            if tied and getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
         _replace(out, module_name, base)
+    for module_name, holder in list(saved_modules(out)):
+        replacement = holder.current()
+        if replacement is not holder.base_layer:
+            for p in holder.base_layer.parameters():
+                _untie(out, p)
+            replacement.requires_grad_(False)
+        _replace(out, module_name, replacement)
     out.__dict__.pop("_lorakit_adapters", None)
     return out

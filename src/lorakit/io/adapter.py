@@ -30,6 +30,7 @@ from lorakit.inject import (
     delete_adapter,
     find_targets,
     logical_modules,
+    saved_modules,
     set_active,
     wrappers,
 )
@@ -46,7 +47,6 @@ RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 UNSUPPORTED_FIELDS = {
     "layers_to_transform": None,
     "layer_replication": None,
-    "modules_to_save": None,
     "lora_bias": False,
     "trainable_token_indices": None,
     "target_parameters": None,
@@ -93,6 +93,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
             module_cfgs[module_name] = adapter.config
             for suffix, t in adapter.export_state().items():
                 tensors[f"{PREFIX}{module_name}.{suffix}"] = t.detach().contiguous().cpu()
+    tensors.update({key: t.detach().contiguous().cpu() for key, t in _saved_state(model, name).items()})
     modules = [m for m in info.modules if m in module_cfgs]
     kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}  # type: ignore[arg-type]
     rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
@@ -111,7 +112,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": "conv1d" in kinds,  # PEFT corrects it per layer type anyway
         "bias": "none",
-        "modules_to_save": None,
+        "modules_to_save": list(info.saved) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         **spec.adapter.peft_fields(cfg),
@@ -130,6 +131,16 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
     return Path(path)
+
+
+def _saved_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """PEFT's keys for adapter ``name``'s modules_to_save copies: ``base_model.model.<module>.<param>``."""
+    out = {}
+    for module_name, holder in saved_modules(model):
+        if name in holder.copies:
+            for param, t in holder.copies[name].state_dict().items():
+                out[f"{PREFIX}{module_name}.{param}"] = t
+    return out
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -248,6 +259,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
             name=name,
             rank_pattern=fields.get("rank_pattern") or None,
             alpha_pattern=fields.get("alpha_pattern") or None,
+            modules_to_save=fields.get("modules_to_save") or None,
         )
     except TargetError as e:
         raise AdapterFormatError(f"{path / CONFIG_NAME}: its target modules do not fit this base: {e}") from e
@@ -283,13 +295,23 @@ def _drop_saved_embeddings(tensors: dict[str, torch.Tensor], model: nn.Module, f
             )
 
 
-def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:
+def _expected(model: nn.Module, name: str) -> dict[str, tuple[Any, str, torch.Tensor]]:
+    """key -> (owner, its local key, current tensor) for adapter ``name``: adapter factors and saved copies."""
     expected: dict[str, tuple[Any, str, torch.Tensor]] = {}
     for module_name, wrapper in wrappers(model):
         if name in wrapper.adapters:
             adapter: Any = wrapper.adapters[name]
             for suffix, t in adapter.export_state().items():
                 expected[f"{PREFIX}{module_name}.{suffix}"] = (adapter, suffix, t)
+    for module_name, holder in saved_modules(model):
+        if name in holder.copies:
+            for param, t in holder.copies[name].state_dict().items():
+                expected[f"{PREFIX}{module_name}.{param}"] = (holder.copies[name], param, t)
+    return expected
+
+
+def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    expected = _expected(model, name)
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown:
@@ -315,4 +337,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: P
             raise AdapterFormatError(f"{file}: {key} contains NaN or infinite values; the adapter is corrupt.")
         per_adapter.setdefault(id(adapter), (adapter, {}))[1][suffix] = t
     for adapter, state in per_adapter.values():
-        adapter.import_state(state)
+        if hasattr(adapter, "import_state"):
+            adapter.import_state(state)
+        else:  # a modules_to_save copy: a plain module
+            adapter.load_state_dict(state)
