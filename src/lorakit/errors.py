@@ -19,3 +19,7 @@ class AdapterFormatError(LorakitError):
 
 class BaseModelError(LorakitError):
     """A base model name or path cannot be resolved or loaded."""
+
+
+class CheckpointError(LorakitError):
+    """A model checkpoint (base or fine-tuned) cannot be read, or two checkpoints do not match."""

@@ -353,6 +353,16 @@ def _untie(model: nn.Module, weight: torch.Tensor) -> None:
         config.tie_word_embeddings = False
 
 
+def _merge_bias(base: nn.Module, adapter: Any) -> None:
+    """Fold an adapter's output shift (LoRA's lora_bias) into the base bias, creating one if needed."""
+    shift = adapter.delta_bias() if hasattr(adapter, "delta_bias") else None
+    if shift is not None:
+        with torch.no_grad():
+            old: Any = base.bias
+            new = shift.to(base.weight.dtype) + (0 if old is None else old)
+        base.bias = nn.Parameter(new, requires_grad=False)
+
+
 def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """A plain model (no wrappers) whose weights include the active adapter's delta and saved modules.
 
@@ -372,6 +382,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 merged = base.weight + delta.to(base.weight.dtype)
             _untie(out, base.weight)  # type: ignore[arg-type]
             base.weight = nn.Parameter(merged, requires_grad=False)
+            _merge_bias(base, adapter)
         _replace(out, module_name, base)
     for module_name, holder in list(saved_modules(out)):
         replacement = holder.current()

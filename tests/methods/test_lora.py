@@ -100,3 +100,28 @@ def test_train_only_B_freezes_a_row_orthonormal_A(tmp_path):
     assert result.losses[-1] < result.losses[0]
     assert all(torch.equal(a.A, before) for a, before in zip(adapters, A_before, strict=True))
     assert any(torch.count_nonzero(a.B) > 0 for a in adapters)
+
+
+def test_lora_bias_shifts_the_output_merges_and_matches_peft(tmp_path):
+    """PEFT's lora_bias: the update is s·(B·A·x + b); merged into the base bias; same outputs as PEFT."""
+    peft = pytest.importorskip("peft")
+    from lorakit.testing import tiny_gpt2
+    from tests.helpers import logits, tokens
+
+    x = tokens()
+    for make, targets in ((tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])):
+        model = lk.attach(make(), lk.method_config("lora", r=4, alpha=8, lora_bias=True), targets=targets)
+        randomize_adapters(model)
+        adapter = next(m for m in model.modules() if isinstance(m, Lora))
+        assert adapter.b is not None and adapter.b.requires_grad and adapter.b.abs().sum() > 0
+        y = logits(model, x)
+        torch.testing.assert_close(logits(lk.merge(model), x), y, atol=1e-5, rtol=1e-5)
+        lk.save_adapter(model, tmp_path / make.__name__)
+        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / make.__name__).eval()
+        torch.testing.assert_close(logits(theirs, x), y, atol=1e-5, rtol=1e-5)
+        back = lk.load_adapter(make(), tmp_path / make.__name__)
+        torch.testing.assert_close(logits(back, x), y, atol=1e-6, rtol=0)
+    with pytest.raises(lk.ConfigError, match="lora_bias does not apply to embeddings"):
+        lk.attach(tiny_llama(), lk.method_config("lora", lora_bias=True), targets=["embed_tokens"])
+    with pytest.raises(lk.ConfigError, match="DoRA does not support lora_bias"):
+        lk.method_config("dora", lora_bias=True)

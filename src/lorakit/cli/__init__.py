@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from lorakit.cli import demo, generate, info, inspect_adapter, train  # modules; each holds its command function
+from lorakit.cli import (  # modules; each holds its command function
+    demo,
+    extract,
+    generate,
+    info,
+    inspect_adapter,
+    train,
+)
 
 app = typer.Typer(
     name="lorakit",
@@ -13,9 +20,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in (info.info, inspect_adapter.inspect, generate.generate, train.train, demo.demo):
+for command in (info.info, inspect_adapter.inspect, generate.generate, train.train, extract.extract, extract.resize):
     app.command()(command)
 app.command("eval")(train.evaluate)
+app.command()(demo.demo)
 
 
 def main() -> None:

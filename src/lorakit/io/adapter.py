@@ -47,7 +47,6 @@ RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
 UNSUPPORTED_FIELDS = {
     "layers_to_transform": None,
     "layer_replication": None,
-    "lora_bias": False,
     "trainable_token_indices": None,
     "target_parameters": None,
 }

@@ -123,6 +123,55 @@ def _split(name: str) -> tuple[str, str]:
     return module, param
 
 
+def lora_config(
+    ranks: Mapping[str, int],
+    kinds: Mapping[str, str],
+    saved: list[str],
+    base_name: str | None,
+    task_type: str | None,
+) -> dict[str, Any]:
+    """PEFT adapter_config.json fields of a scale-1 LoRA with per-module ``ranks`` and whole ``saved`` modules."""
+    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    differing = {m: k for m, k in ranks.items() if k != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_name,
+        "revision": None,
+        "inference_mode": True,
+        "target_modules": "(" + "|".join(re.escape(m) for m in ranks) + ")" if ranks else None,
+        "exclude_modules": None,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": {re.escape(m): k for m, k in differing.items()},
+        "alpha_pattern": {re.escape(m): k for m, k in differing.items()},
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "fan_in_fan_out": "conv1d" in kinds.values(),
+        "bias": "none",
+        "modules_to_save": saved or None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def lorakit_block(
+    modules: list[str], fingerprint: Mapping[str, float], provenance: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``lorakit`` metadata block of a plain LoRA dir (stored in the safetensors header)."""
+    block: dict[str, Any] = {
+        "version": lorakit.__version__,
+        "method": "lora",
+        "modules": modules,
+        "base_fingerprint": dict(fingerprint),
+    }
+    if provenance:
+        block["provenance"] = dict(provenance)
+    return block
+
+
 def write_factors(
     path: str | Path,
     adapter: AdapterFactors,
@@ -146,38 +195,8 @@ def write_factors(
     for module, params in adapter.saved.items():
         for param, t in params.items():
             tensors[f"{PREFIX}{module}.{param}"] = (t.to(dtype) if dtype is not None else t).contiguous()
-    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
-    differing = {m: k for m, k in ranks.items() if k != r}
-    modules = list(adapter.factors)
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": adapter.task_type,
-        "base_model_name_or_path": adapter.base_name,
-        "revision": None,
-        "inference_mode": True,
-        "target_modules": "(" + "|".join(re.escape(m) for m in modules) + ")" if modules else None,
-        "exclude_modules": None,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": {re.escape(m): k for m, k in differing.items()},
-        "alpha_pattern": {re.escape(m): k for m, k in differing.items()},
-        "lora_dropout": 0.0,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "fan_in_fan_out": "conv1d" in adapter.kinds.values(),
-        "bias": "none",
-        "modules_to_save": list(adapter.saved) or None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
-    block = {
-        "version": lorakit.__version__,
-        "method": "lora",
-        "modules": modules,
-        "base_fingerprint": adapter.fingerprint,
-        **({"provenance": dict(provenance)} if provenance else {}),
-    }
+    config = lora_config(ranks, adapter.kinds, list(adapter.saved), adapter.base_name, adapter.task_type)
+    block = lorakit_block(list(adapter.factors), adapter.fingerprint, provenance)
     with atomic_dir(path, marker=CONFIG_NAME) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         metadata = {"format": "pt", "lorakit": json.dumps(block)}

@@ -15,14 +15,18 @@ import torch
 from torch import nn
 
 from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register
+from lorakit.methods._api import LoraFactors, register, require
 from lorakit.methods._lowrank import factorize
 from lorakit.methods.lora import Lora, LoraConfig
 
 
 @dataclass(frozen=True, kw_only=True)
 class DoraConfig(LoraConfig):
-    """Same options as LoRA; the magnitude vector is added automatically."""
+    """Same options as LoRA (but lora_bias); the magnitude vector is added automatically."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(not self.lora_bias, "DoRA does not support lora_bias; set lora_bias=False.")
 
 
 @register(

@@ -21,6 +21,8 @@ from lorakit.methods._fused import LoraLinearFn
 from lorakit.methods._lowrank import truncate
 
 INITS = ("default", "gaussian")
+# option -> PEFT's adapter_config.json field
+PEFT_NAMES = dict(r="r", alpha="lora_alpha", dropout="lora_dropout", rslora="use_rslora", lora_bias="lora_bias")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +39,8 @@ class LoraConfig:
     """'default' (Kaiming-uniform A, zero B, as PEFT) or 'gaussian' (A ~ N(0, 1/r²), zero B)."""
     train_only: str | None = None
     """'B': train only B over a frozen random row-orthonormal A (Asymmetry in LoRA, arXiv:2402.16842)."""
+    lora_bias: bool = False
+    """A trainable output bias b on B (PEFT's lora_bias): the update becomes s·(B·A·x + b)."""
 
     def __post_init__(self) -> None:
         require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}.")
@@ -56,7 +60,7 @@ class LoraConfig:
     paper="LoRA: Low-Rank Adaptation of Large Language Models (+ rsLoRA scaling)",
     url="https://arxiv.org/abs/2106.09685",
     family="F1",
-    params="r*d_out if train_only == 'B' else r*(d_in+d_out)",
+    params="(r*d_out if train_only == 'B' else r*(d_in+d_out)) + (d_out if lora_bias else 0)",
 )
 class Lora(nn.Module):
     """x ↦ W₀x + s·B·A·x with A (r, in), B (out, r)."""
@@ -66,12 +70,11 @@ class Lora(nn.Module):
     def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, kind: str, weight: torch.Tensor):
         super().__init__()
         self.config, self.kind, self.scale = cfg, kind, cfg.scale
-        factory: dict[str, Any] = {
-            "dtype": weight.dtype if weight.is_floating_point() else None,
-            "device": weight.device,
-        }
+        dtype = weight.dtype if weight.is_floating_point() else None
+        factory: dict[str, Any] = {"dtype": dtype, "device": weight.device}
         self.A = nn.Parameter(torch.empty(cfg.r, in_features, **factory))  # (r, in)
         self.B = nn.Parameter(torch.empty(out_features, cfg.r, **factory))  # (out, r)
+        self.b = nn.Parameter(torch.zeros(out_features, **factory)) if cfg.lora_bias else None  # (out,)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and kind != "embedding" else nn.Identity()
         self.reset_parameters()
 
@@ -79,6 +82,7 @@ class Lora(nn.Module):
     def from_base(cls, base: nn.Module, cfg: LoraConfig) -> Lora:
         in_features, out_features = L.dims(base)
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        require(not (cfg.lora_bias and L.layer_kind(base) == "embedding"), "lora_bias does not apply to embeddings.")
         return cls(cfg, in_features, out_features, L.layer_kind(base), weight)
 
     def reset_parameters(self) -> None:
@@ -104,11 +108,11 @@ class Lora(nn.Module):
     def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """s·B·A·x, shape (..., out)."""
         h = L.project_in(base, self.dropout(x), self.A)  # (..., r)
-        return torch.nn.functional.linear(h, self.B) * self.scale  # (..., out)
+        return torch.nn.functional.linear(h, self.B, self.b) * self.scale  # (..., out)
 
     def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """Training on a frozen nn.Linear: base and adapter in one autograd node (methods/_fused.py)."""
-        if type(base) is not nn.Linear or not torch.is_grad_enabled() or base._forward_hooks or base._forward_pre_hooks:
+        if type(base) is not nn.Linear or self.b is not None or base._forward_hooks or base._forward_pre_hooks:
             return None
         W, bias = base.weight, base.bias
         frozen = not W.requires_grad and (bias is None or not bias.requires_grad)
@@ -120,7 +124,7 @@ class Lora(nn.Module):
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         B = self.B
         dropout_on = self.training and not isinstance(self.dropout, nn.Identity)
-        if torch.is_grad_enabled() or dropout_on or y.dtype != B.dtype:  # autograd, dropout or a dtype cast
+        if torch.is_grad_enabled() or dropout_on or y.dtype != B.dtype or self.b is not None:  # the general path
             return y + self.lora_out(x, base).to(y.dtype)
         # Inference: y += s·(A·x)·Bᵀ in place — one rank-r GEMM over y, no y-sized temporaries.
         # Semantics: the line above (y is the base layer's fresh output, so writing into it is safe).
@@ -128,21 +132,24 @@ class Lora(nn.Module):
         y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.T, alpha=self.scale)  # (N, out) += (N, r)(r, out)
         return y
 
-    def factors(self) -> LoraFactors:
-        return LoraFactors(self.A, self.B, self.scale)
-
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return L.to_base_layout(base, self.scale * (self.B @ self.A))  # (out, in) -> base layout
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """The output shift s·b of lora_bias (merged into the base bias), or None."""
+        return None if self.b is None else self.scale * self.b
+
     def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact; with ``rank`` < r, the best rank-``rank`` truncation of s·B·A."""
+        """Exact; with ``rank`` < r, the best rank-``rank`` truncation of s·B·A. (An A/B pair has no lora_bias.)"""
+        require(self.b is None, "to_lora cannot express lora_bias (an output shift); merge the adapter instead.")
         f = LoraFactors(self.A.detach(), self.B.detach(), self.scale)
         return f if rank is None else truncate(f, rank)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         if self.kind == "embedding":
             return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
-        return {"lora_A.weight": self.A, "lora_B.weight": self.B}
+        bias = {} if self.b is None else {"lora_B.bias": self.b}
+        return {"lora_A.weight": self.A, "lora_B.weight": self.B, **bias}
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -151,25 +158,14 @@ class Lora(nn.Module):
 
     @staticmethod
     def peft_fields(cfg: LoraConfig) -> dict[str, Any]:
-        return {
-            "r": cfg.r,
-            "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout,
-            "use_rslora": cfg.rslora,
-            "use_dora": False,
-            "init_lora_weights": True if cfg.init == "default" else cfg.init,
-        }
+        init = True if cfg.init == "default" else cfg.init
+        return {p: getattr(cfg, o) for o, p in PEFT_NAMES.items()} | {"use_dora": False, "init_lora_weights": init}
 
     @staticmethod
     def lora_kwargs_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
-        init = fields.get("init_lora_weights", True)
-        return {
-            "r": int(fields.get("r", 8)),
-            "alpha": float(fields.get("lora_alpha", 8)),
-            "dropout": float(fields.get("lora_dropout", 0.0) or 0.0),
-            "rslora": bool(fields.get("use_rslora", False)),
-            "init": "gaussian" if init == "gaussian" else "default",
-        }
+        d = LoraConfig()
+        kwargs = {o: type(getattr(d, o))(fields.get(p) or getattr(d, o)) for o, p in PEFT_NAMES.items()}
+        return kwargs | {"init": "gaussian" if fields.get("init_lora_weights") == "gaussian" else "default"}
 
     @staticmethod
     def config_from_peft(fields: dict[str, Any]) -> LoraConfig | None:

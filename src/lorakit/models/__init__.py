@@ -115,16 +115,25 @@ def _load_causal_or_encoder(folder: Path, dtype: torch.dtype, name: str) -> tupl
     return model, tok
 
 
-def load_base(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for a bundled name or a local checkpoint dir, fully offline, in eval mode."""
+def base_dir(name: str) -> Path:
+    """The checkpoint folder behind a bundled base name (SmolLM2's de-quantised cache is built on first use)."""
     _offline()
     if name == "smollm2-135m":
         target = smollm2_cache()
         if not (target / "config.json").is_file():
             _build_smollm2_cache(target)
-        return _load_causal_or_encoder(target, dtype, SMOLLM2_HUB_ID)
+        return target
     if name == "minilm-l6":
-        return _load_causal_or_encoder(package_dir(PACKAGES["minilm-l6"]) / "model", dtype, MINILM_HUB_ID)
+        return package_dir(PACKAGES["minilm-l6"]) / "model"
+    raise BaseModelError(f"unknown bundled base {name!r}; bundled: {', '.join(BUNDLED)}.")
+
+
+def load_base(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a bundled name or a local checkpoint dir, fully offline, in eval mode."""
+    if name in BUNDLED:
+        hub_id = SMOLLM2_HUB_ID if name == "smollm2-135m" else MINILM_HUB_ID
+        return _load_causal_or_encoder(base_dir(name), dtype, hub_id)
+    _offline()
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_causal_or_encoder(path, dtype, str(path))

@@ -1,0 +1,50 @@
+"""`lorakit extract` and `lorakit resize` end to end on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from lorakit.cli import app
+from lorakit.io.factors import read_factors
+from lorakit.testing import tiny_llama
+
+runner = CliRunner()
+
+
+def test_extract_then_resize(tmp_path):
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    tuned = tiny_llama(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    tuned.save_pretrained(tmp_path / "tuned")
+    args = [
+        "extract",
+        "--base",
+        str(tmp_path / "base"),
+        "--tuned",
+        str(tmp_path / "tuned"),
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    result = runner.invoke(app, [*args, "--energy", "0.5", "--max-rank", "6", "--targets", "q_proj,v_proj"])
+    assert result.exit_code == 0, result.output
+    assert "LoRA modules" in result.output and "saved whole: model.norm" in result.output
+    report = json.loads((tmp_path / "a" / "extract_report.json").read_text())
+    assert set(report["modules"]) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}
+    assert all(1 <= m["rank"] <= 6 and m["energy"] >= 0.5 or m["rank"] == 6 for m in report["modules"].values())
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    result = runner.invoke(app, ["resize", str(tmp_path / "a"), "--out", str(tmp_path / "r"), "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    assert set(read_factors(tmp_path / "r").ranks().values()) == {2}
+    assert runner.invoke(app, ["resize", str(tmp_path / "a"), "--out", str(tmp_path / "r2")]).exit_code == 2
+
+
+def test_help_of_both_verbs():
+    for verb in ("extract", "resize"):
+        result = runner.invoke(app, [verb, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
