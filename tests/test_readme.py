@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import lorakit as lk
@@ -49,18 +50,36 @@ def smollm2_adapter(tmp_path_factory):
     return lk.save_adapter(model, tmp_path_factory.mktemp("readme") / "facts")
 
 
+def tiny_fine_tune(base, folder):
+    """A 'full fine-tune' of the tiny checkpoint: every weight nudged, saved as its own checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    model.save_pretrained(folder)
+    return folder
+
+
 def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
     commands = cli_commands()
     assert {c[0] for c in commands} == {c.name or c.callback.__name__ for c in app.registered_commands}, (
         "the README should show every verb"
     )
+    tuned = tiny_fine_tune(tiny_checkpoint, tmp_path / "fine-tune")
     swap = {
         "adapters/date": str(smollm2_adapter),
         "path/to/hf-checkpoint": str(tiny_checkpoint),
+        "path/to/fine-tune": str(tuned),
+        "adapters/extracted": str(tmp_path / "extracted"),
+        "adapters/extracted-r8": str(tmp_path / "extracted-r8"),
         "runs/demo": str(tmp_path / "demo"),
     }
     for args in commands:
         args = [swap.get(a, a) for a in args]
+        if args[0] == "extract":  # the README extracts from SmolLM2; here from the tiny checkpoint and its fine-tune
+            args += ["--base", str(tiny_checkpoint)]
         if args[0] == "demo":  # `make demo` runs it on SmolLM2; here the same code runs on the tiny checkpoint
             args += ["--base", str(tiny_checkpoint), "--steps", "3"]
         if args[0] == "train":  # the same command on the tiny checkpoint, a few steps (a repeated flag: last wins)
@@ -80,7 +99,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
 def test_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write out/adapter relative to the working dir
     snippets = [b for b in blocks("python") if "@register(" not in b]  # the method outline is a template
-    assert len(snippets) == 3
+    assert len(snippets) == 4
     namespace: dict = {}
     for code in snippets:  # one namespace: later snippets continue the first one, as a reader would
         exec(compile(code, str(README), "exec"), namespace)
@@ -93,6 +112,14 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     with lk.disabled(model):
         expected = model(ids).logits
     assert (namespace["base_logits"] == expected).all()
+    # LoRE-Adapt: the sibling fine-tune plus the extracted instruct delta, weight for weight
+    ns = namespace
+    base, instruct, result = ns["base"].state_dict(), ns["instruct"].state_dict(), ns["other_instruct"].state_dict()
+    saved = tuple(f"{m}." for m in ns["report"].saved)
+    assert "lm_head." in saved and "model.norm." in saved
+    for key, before in ns["other_before"].items():
+        want = instruct[key] if key.startswith(saved) else before + instruct[key] - base[key]
+        torch.testing.assert_close(result[key], want, atol=1e-5, rtol=1e-5)
     # the fresh adapter is zero-initialised, so the merged model and PEFT both reproduce the base
     assert (merged(ids).logits - expected).abs().max() < 1e-4
     assert (peft_model(ids).logits - expected).abs().max() < 1e-4

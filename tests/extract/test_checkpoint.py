@@ -10,7 +10,7 @@ import torch
 
 from lorakit.errors import CheckpointError
 from lorakit.extract.checkpoint import Checkpoint
-from lorakit.io.stream import SafetensorsWriter
+from lorakit.io.stream import SafetensorsWriter, header_room
 
 
 def test_writer_output_reads_back_bit_exact_in_every_dtype(tmp_path):
@@ -22,7 +22,7 @@ def test_writer_output_reads_back_bit_exact_in_every_dtype(tmp_path):
         "d": torch.arange(6, dtype=torch.int64).reshape(2, 3).T,  # non-contiguous
         "e": torch.zeros(0, 4),
     }
-    with SafetensorsWriter(tmp_path / "x.safetensors") as w:
+    with SafetensorsWriter(tmp_path / "x.safetensors", header_room(len(tensors), 100)) as w:
         for name, t in tensors.items():
             w.add(name, t)
         w.close({"format": "pt", "note": "hi"})
@@ -32,7 +32,10 @@ def test_writer_output_reads_back_bit_exact_in_every_dtype(tmp_path):
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
     with safetensors.safe_open(tmp_path / "x.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt", "note": "hi"}
-    assert not list(tmp_path.glob("*.spool"))
+    with pytest.raises(ValueError, match="exceeds the"), SafetensorsWriter(tmp_path / "y.safetensors", 64) as w:
+        for name, t in tensors.items():
+            w.add(name, t)
+        w.close()
     ck = Checkpoint(tmp_path / "x.safetensors")
     for name, t in tensors.items():
         assert torch.equal(ck.get(name, None), t) and ck.shape(name) == tuple(t.shape)

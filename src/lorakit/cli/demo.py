@@ -2,7 +2,7 @@
 
 load base -> held-out accuracy on a built-in task -> attach LoRA -> train (lorakit's loop) ->
 held-out accuracy again -> save -> reload onto a fresh base (logits must match) -> merge
-(logits must match) -> plot -> summary.
+(logits must match) -> fully fine-tune the top blocks and extract a LoRA from them -> plot -> summary.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.text import Text
 from torch import nn
 
 from lorakit.cli._common import err, friendly_errors, human_bytes, out
+from lorakit.cli.demo_steps import EXTRACT_ENERGY, FT_LAYERS, extract_step
 from lorakit.inject import AdaptedLayer, wrappers
 from lorakit.train.tasks import TASKS
 
@@ -168,10 +169,18 @@ def run_demo(
     s["merged_is_plain"] = not any(isinstance(m, AdaptedLayer) for m in merged.modules())
     del fresh, merged
 
+    out.rule(f"6. fully fine-tune the top {FT_LAYERS} blocks, extract a LoRA from it (PHLoRA, energy {EXTRACT_ENERGY})")
+    s.update(extract_step(base, records, batch, out_dir, pad))
+
     plot = out_dir / "plots" / "training.png"
     _plot(result.losses, _delta_norms(model), plot)
     s["plot"] = str(plot)
-    s["ok"] = s["reload_max_abs_diff"] <= RELOAD_TOL and s["merge_max_abs_diff"] <= MERGE_TOL and s["merged_is_plain"]
+    s["ok"] = (
+        s["reload_max_abs_diff"] <= RELOAD_TOL
+        and s["merge_max_abs_diff"] <= MERGE_TOL
+        and s["merged_is_plain"]
+        and s["extract_logits_rel"] < s["ft_effect_rel"]
+    )
     (out_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     return s
 
@@ -200,6 +209,15 @@ def _summary_table(s: dict[str, Any]) -> Table:
     t.add_row("reloaded vs trained logits", f"max |Δ| = {s['reload_max_abs_diff']:.3g} (tolerance {RELOAD_TOL:g})")
     t.add_row("merged vs unmerged logits", f"max |Δ| = {s['merge_max_abs_diff']:.3g} (tolerance {MERGE_TOL:g})")
     t.add_row("adapter", Text(f"{s['adapter_dir']} ({human_bytes(s['adapter_bytes'])})"))
+    lo, hi = s["extract_rank_range"]
+    t.add_row(
+        f"extracted from a full fine-tune (energy ≥ {EXTRACT_ENERGY})",
+        f"{s['extract_modules']} modules, ranks {lo}-{hi}, {s['extract_params']:,} params in {s['extract_s']:.1f} s",
+    )
+    t.add_row(
+        "extracted vs fine-tuned logits",
+        f"relative error {s['extract_logits_rel']:.4f} (fine-tune vs base: {s['ft_effect_rel']:.4f})",
+    )
     t.add_row("plot", Text(s["plot"]))
     t.add_row("summary", Text(str(Path(s["out"]) / "summary.json")))
     t.add_row("checks", "[green]all passed[/]" if s["ok"] else "[red]FAILED[/]")

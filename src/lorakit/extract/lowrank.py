@@ -86,7 +86,7 @@ class Decomposition:
 
 
 def randomized_svd(
-    M: torch.Tensor, k: int, *, oversample: int = 16, power_iters: int = 4, generator: torch.Generator | None = None
+    M: torch.Tensor, k: int, *, oversample: int = 16, power_iters: int = 2, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``k`` (U, S, Vh) of M (m, n) from a sketch of width k + oversample."""
     m, n = M.shape

@@ -29,7 +29,7 @@ from lorakit.extract.plan import Plan, plan_modules
 from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.factors import EMBEDDING_KEYS, LINEAR_KEYS, lora_config, lorakit_block
-from lorakit.io.stream import SafetensorsWriter
+from lorakit.io.stream import SafetensorsWriter, header_room
 
 REPORT_NAME = "extract_report.json"
 PLOT_NAME = "extract_energy.png"
@@ -65,6 +65,11 @@ class ExtractResult:
             "modules": self.modules,
             "saved": self.saved,
         }
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """All values finite. One float64 reduction first (NaN/inf propagate); exact check only if it says no."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
 
 
 def _orient(delta: torch.Tensor, kind: str) -> torch.Tensor:
@@ -116,7 +121,8 @@ def extract(
         "embeddings": embeddings,
         "dtype": dtype or "as stored",
     }
-    with atomic_dir(out, marker=CONFIG_NAME) as tmp, SafetensorsWriter(tmp / WEIGHTS_NAME) as writer:
+    room = header_room(3 * sum(map(len, plan.keys.values())) + 8, 300 * len(plan.modules) + 8192)
+    with atomic_dir(out, marker=CONFIG_NAME) as tmp, SafetensorsWriter(tmp / WEIGHTS_NAME, room) as writer:
         run = _Run(plan, rule, svd, dtype, seed, writer)
         run(b, t, result, progress)
         ranks, kinds, fingerprint = run.ranks, run.kinds, run.fingerprint
@@ -152,7 +158,7 @@ class _Run:
             base_t = {k: b.get(k, None) for k in keys}
             tuned_t = {k: t.get(k, None) for k in keys}
             for k, v in tuned_t.items():
-                if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                if v.is_floating_point() and not _finite(v):
                     raise CheckpointError(f"{t.path}: tensor {k} has NaN or infinite values; the fine-tune is broken.")
             changed = [k for k in keys if not torch.equal(base_t[k], tuned_t[k])]
             kind = self.plan.lora.get(module)

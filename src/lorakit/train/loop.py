@@ -160,13 +160,18 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    full: bool = False,
 ) -> TrainResult:
-    """Train the model's trainable (adapter) parameters on ``records``; logs go to ``out_dir``."""
+    """Train the model's trainable (adapter) parameters on ``records``; logs go to ``out_dir``.
+
+    ``full=True`` trains whatever requires grad without an adapter (a full or partial fine-tune,
+    e.g. to make a checkpoint to extract from); otherwise an attached adapter is required.
+    """
     from accelerate import Accelerator
 
     if not records:
         raise ConfigError("no training records.")
-    if not adapter_names(model) or not _trainable(model):
+    if not _trainable(model) or not (full or adapter_names(model)):
         raise ConfigError("the model has no trainable adapter; attach an adapter first (lk.attach).")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
