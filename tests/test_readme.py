@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -62,6 +63,17 @@ def tiny_fine_tune(base, folder):
     return folder
 
 
+def tiny_adapter(base, folder, seed):
+    """A randomized LoRA on the tiny checkpoint (what `lorakit merge` combines in the README)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.testing import randomize_adapters
+
+    model = lk.attach(AutoModelForCausalLM.from_pretrained(base), lk.method_config("lora", r=4), targets="all-linear")
+    randomize_adapters(model, seed=seed)
+    return lk.save_adapter(model, folder)
+
+
 def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
     commands = cli_commands()
     assert {c[0] for c in commands} == {c.name or c.callback.__name__ for c in app.registered_commands}, (
@@ -75,6 +87,11 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         "adapters/extracted": str(tmp_path / "extracted"),
         "adapters/extracted-r8": str(tmp_path / "extracted-r8"),
         "runs/demo": str(tmp_path / "demo"),
+        "adapters/a": str(tiny_adapter(tiny_checkpoint, tmp_path / "a", seed=1)),
+        "adapters/b": str(tiny_adapter(tiny_checkpoint, tmp_path / "b", seed=2)),
+        "adapters/ab": str(tmp_path / "ab"),
+        "models/ab": str(tmp_path / "models-ab"),
+        "runs/analysis": str(tmp_path / "analysis"),
     }
     for args in commands:
         args = [swap.get(a, a) for a in args]
@@ -99,7 +116,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
 def test_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write out/adapter relative to the working dir
     snippets = [b for b in blocks("python") if "@register(" not in b]  # the method outline is a template
-    assert len(snippets) == 4
+    assert len(snippets) == 5
     namespace: dict = {}
     for code in snippets:  # one namespace: later snippets continue the first one, as a reader would
         exec(compile(code, str(README), "exec"), namespace)
@@ -120,6 +137,8 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     for key, before in ns["other_before"].items():
         want = instruct[key] if key.startswith(saved) else before + instruct[key] - base[key]
         torch.testing.assert_close(result[key], want, atol=1e-5, rtol=1e-5)
+    analysis = json.loads(ns["analysis"].to_json())
+    assert len(analysis["modules"]) == len(ns["report"].modules)  # every factored module, analysed
     # the fresh adapter is zero-initialised, so the merged model and PEFT both reproduce the base
     assert (merged(ids).logits - expected).abs().max() < 1e-4
     assert (peft_model(ids).logits - expected).abs().max() < 1e-4

@@ -9,6 +9,8 @@ lk.save_adapter(model, "out/adapter")
 __version__ = "0.1.0"
 
 from lorakit import methods  # noqa: E402  (callable package: lk.methods() lists method names)
+from lorakit.analysis import analyze  # noqa: E402
+from lorakit.compose import merge_adapters  # noqa: E402
 from lorakit.errors import AdapterFormatError, BaseModelError, ConfigError, LorakitError, TargetError  # noqa: E402
 from lorakit.inject import (  # noqa: E402
     active_adapter,
@@ -32,12 +34,14 @@ __all__ = [
     "TargetError",
     "active_adapter",
     "adapter_names",
+    "analyze",
     "attach",
     "delete_adapter",
     "disabled",
     "load_adapter",
     "load_base",
     "merge",
+    "merge_adapters",
     "method_config",
     "methods",
     "save_adapter",

@@ -29,7 +29,19 @@ from lorakit.methods._api import MethodSpec, spec_of_config
 Targets = str | Sequence[str]
 
 
-class AdaptedLayer(nn.Module):
+class _Wrapper(nn.Module):
+    """Stands in for ``base_layer``: attributes it lacks (weight, bias, in_features, ...) are the base's."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+class AdaptedLayer(_Wrapper):
     """A base layer plus named adapters: forward = active adapter applied to the base output."""
 
     def __init__(self, base: nn.Module):
@@ -50,16 +62,8 @@ class AdaptedLayer(nn.Module):
                 return out
         return adapter(x, base, base(x, *args, **kwargs))
 
-    def __getattr__(self, name: str) -> Any:  # keep the base layer's names: weight, bias, in_features, ...
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
-
-class SavedModule(nn.Module):
+class SavedModule(_Wrapper):
     """A module replaced whole per adapter (PEFT's ``modules_to_save``): forward runs the active copy."""
 
     def __init__(self, base: nn.Module):
@@ -76,14 +80,6 @@ class SavedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.current()(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # keep the original's names (weight, num_embeddings, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
 
 WRAPPERS = (AdaptedLayer, SavedModule)

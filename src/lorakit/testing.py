@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -57,9 +59,17 @@ def smollm2_shape(layers: int = 30, seed: int = 0) -> LlamaForCausalLM:
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    """Give every trainable (adapter) parameter random values, so its effect is visible in outputs."""
+    """Give every trainable (adapter) parameter random values, so its effect is visible in outputs.
+
+    Adapters with a training-time schedule (``set_step``, e.g. SingLoRA's ramp u(t), which is 0 at
+    t = 0 whatever the weights) are moved one step in, as after a first training step.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+    for m in model.modules():
+        set_step: Any = getattr(m, "set_step", None)
+        if callable(set_step):
+            set_step(1)

@@ -216,3 +216,26 @@ def test_peft_loads_a_gpt2_extraction_with_bias_changes_and_a_tied_head(tmp_path
     x = tokens()
     theirs = peft.PeftModel.from_pretrained(tiny_gpt2(0), tmp_path / "out").eval()
     torch.testing.assert_close(logits(theirs, x), logits(tuned, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_the_fast_layout_equals_the_model_skeletons(tmp_path, make):
+    """Known architectures are planned from the checkpoint alone; the result is the meta-device model's."""
+    from lorakit.extract.checkpoint import Checkpoint
+    from lorakit.extract.plan import fast_layout, select, skeleton_layout
+
+    make(0).save_pretrained(tmp_path / "m")
+    ck = Checkpoint(tmp_path / "m")
+    fast, slow = fast_layout(ck), skeleton_layout(ck)
+    assert fast is not None
+    assert fast.tied_head == slow.tied_head and fast.head == slow.head and fast.causal == slow.causal
+    modules = sorted({k.rpartition(".")[0] for k in ck})
+    assert {m: fast.kinds.get(m) for m in modules} == {m: slow.kinds.get(m) for m in modules}
+    for targets in ("all-linear", ["q_proj", "c_attn", "up_proj"], r".*\.(mlp|attn)\..*"):
+        try:
+            want = select(slow, modules, targets, None)
+        except CheckpointError:
+            with pytest.raises(CheckpointError):
+                select(fast, modules, targets, None)
+            continue
+        assert select(fast, modules, targets, None) == want

@@ -5,11 +5,13 @@ from __future__ import annotations
 import typer
 
 from lorakit.cli import (  # modules; each holds its command function
+    analyze,
     demo,
     extract,
     generate,
     info,
     inspect_adapter,
+    merge,
     train,
 )
 
@@ -24,6 +26,8 @@ for command in (info.info, inspect_adapter.inspect, generate.generate, train.tra
     app.command()(command)
 app.command("eval")(train.evaluate)
 app.command()(demo.demo)
+app.command()(merge.merge)
+app.command()(analyze.analyze)
 
 
 def main() -> None:

@@ -78,7 +78,8 @@ class Decomposition:
     singular_values: torch.Tensor  # the leading σ computed (≥ k of them)
     full_rank: int
     method: str  # "exact" or "randomized"
-    rel_error: float  # ‖ΔW − B·A‖_F / ‖ΔW‖_F, measured (≈ √(1 − energy), which loses digits near 0)
+    rel_error: float  # ‖ΔW − B·A‖_F / ‖ΔW‖_F = √(1 − energy); measured directly when that is near 0
+    total: float = 0.0  # ‖ΔW‖_F²
 
     @property
     def rank(self) -> int:
@@ -106,7 +107,7 @@ def decompose(
     """Truncated SVD of an (out, in) ``delta`` at the rank ``rule`` picks."""
     M = delta.float()
     full = min(M.shape)
-    total = float(M.double().square().sum())
+    total = float(torch.linalg.vector_norm(M)) ** 2
     if total == 0.0:  # unchanged weight (only the bias moved): a rank-1 zero pair
         zero = torch.zeros(1)
         return Decomposition(M.new_zeros(M.shape[0], 1), M.new_zeros(1, M.shape[1]), 0.0, zero, full, "exact", 0.0)
@@ -129,6 +130,10 @@ def _result(
     M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int, total: float, how: str
 ) -> Decomposition:
     kept = float(S[:k].double().square().sum())
+    energy = min(1.0, kept / total)
     B, A = (U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous()  # (out, k), (k, in)
-    error = float(torch.linalg.matrix_norm(M - B @ A)) / math.sqrt(total)
-    return Decomposition(B, A, min(1.0, kept / total), S.detach().clone(), min(M.shape), how, error)
+    # Eckart–Young (and P·M for the randomized projection P): the error is √(1 − E); near E = 1 that
+    # formula loses its digits to rounding, so there it is measured
+    near_exact = energy >= 0.999
+    error = float(torch.linalg.matrix_norm(M - B @ A)) / math.sqrt(total) if near_exact else math.sqrt(1.0 - energy)
+    return Decomposition(B, A, energy, S.detach().clone(), min(M.shape), how, error, total)

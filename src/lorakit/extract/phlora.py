@@ -68,8 +68,8 @@ class ExtractResult:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    """All values finite. One float64 reduction first (NaN/inf propagate); exact check only if it says no."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+    """All values finite. One reduction first (NaN/inf propagate); the exact check only if it says no."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _orient(delta: torch.Tensor, kind: str) -> torch.Tensor:
@@ -187,8 +187,8 @@ class _Run:
         if self.plan.lora_bias:  # lora_B.bias = the bias change (zero where the module has none)
             shift = _bias_shift(base_t, tuned_t, module, delta.shape[0])
             self.writer.add(f"{PREFIX}{module}.lora_B.bias", shift.to(store))
-        if d.energy > 0:
-            result.spectra[module] = (d.singular_values[:256].double().square() / _total(delta)).tolist()
+        if d.total > 0:
+            result.spectra[module] = (d.singular_values[:256].double().square() / d.total).tolist()
         return d
 
     def save_whole(self, module: str, tuned_t: dict[str, torch.Tensor], result: ExtractResult) -> None:
@@ -203,10 +203,6 @@ def _bias_shift(
 ) -> torch.Tensor:
     key = f"{module}.bias"
     return tuned_t[key].float() - base_t[key].float() if key in base_t else torch.zeros(out)
-
-
-def _total(delta: torch.Tensor) -> float:
-    return float(delta.double().square().sum())
 
 
 def _module_report(d: Decomposition, shape: torch.Size) -> dict[str, Any]:

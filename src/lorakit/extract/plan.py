@@ -6,6 +6,7 @@ The base config is instantiated on the meta device, so target selection uses the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.errors import CheckpointError, TargetError
+from lorakit.errors import CheckpointError
 from lorakit.extract.checkpoint import Checkpoint
-from lorakit.inject import find_targets, logical_modules
+from lorakit.inject import _name_matches, logical_modules
 from lorakit.methods import _layers as L
 
 
@@ -67,13 +68,84 @@ def skeleton(b: Checkpoint) -> nn.Module:
         return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
 
 
-def _tied_head(model: Any, b: Checkpoint) -> tuple[str, str] | None:
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or emb is None or head.weight is not emb.weight:
+@dataclass
+class Layout:
+    """Layer kind of every module with a 2-D weight, the output head, and a head tied to an embedding."""
+
+    kinds: dict[str, str]  # module -> "linear" | "conv1d" | "embedding"
+    head: str | None
+    tied_head: tuple[str, str] | None  # (embedding module, head module) when the head reuses the embedding
+    causal: bool
+
+
+# Architectures whose every 2-D weight is an nn.Linear (GPT-2: a Conv1D) except the embeddings and the
+# head; their layout is read off the checkpoint and config.json without building a model (transformers'
+# import alone is ~2 s). A test checks it equals the meta-device skeleton's. Others use the skeleton.
+LINEAR_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "starcoder2"}
+CONV1D_ARCHS = {"gpt2"}
+EMBEDDINGS = {"embed_tokens": "input", "wte": "input", "wpe": "position"}  # leaf name -> role, in those archs
+
+
+def fast_layout(b: Checkpoint) -> Layout | None:
+    arch = b.config.get("model_type")
+    if arch not in LINEAR_ARCHS | CONV1D_ARCHS:
         return None
+    kinds: dict[str, str] = {}
+    for key in b.entries:
+        module, _, param = key.rpartition(".")
+        if param != "weight" or len(b.shape(key)) != 2:
+            continue
+        leaf = module.split(".")[-1]
+        if leaf in EMBEDDINGS:
+            kinds[module] = "embedding"
+        else:
+            kinds[module] = "conv1d" if arch in CONV1D_ARCHS and leaf != "lm_head" else "linear"
+    inputs = [m for m in kinds if EMBEDDINGS.get(m.split(".")[-1]) == "input"]
+    heads = [m for m in kinds if m.split(".")[-1] == "lm_head"]
+    tie = b.config.get("tie_word_embeddings", arch in CONV1D_ARCHS)
+    tied = (inputs[0], "lm_head") if tie and not heads and len(inputs) == 1 else None
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in b.config.get("architectures") or [])
+    return Layout(kinds, heads[0] if heads else ("lm_head" if tied else None), tied, causal)
+
+
+def skeleton_layout(b: Checkpoint) -> Layout:
+    model: Any = skeleton(b)
+    kinds = {n: L.layer_kind(m) for n, m in logical_modules(model) if n and isinstance(m, L.SUPPORTED)}
     names = {id(m): n for n, m in model.named_modules()}
-    head_name, emb_name = names[id(head)], names[id(emb)]
-    return (emb_name, head_name) if f"{head_name}.weight" not in b else None
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    head_name = names.get(id(head)) if head is not None else None
+    tied = None
+    if head is not None and emb is not None and head.weight is emb.weight and f"{head_name}.weight" not in b:
+        tied = (names[id(emb)], str(head_name))
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    return Layout(kinds, head_name, tied, causal)
+
+
+def select(layout: Layout, modules: list[str], targets: str | Sequence[str], exclude: Any) -> list[str]:
+    """The modules ``targets`` picks, by ``lk.attach``'s rules ("all-linear" leaves out the head)."""
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise CheckpointError(f"targets {targets!r} is not a valid regular expression: {e}.") from e
+    names = sorted(
+        set(modules) | set(layout.kinds), key=lambda m: (m not in modules, modules.index(m) if m in modules else 0)
+    )
+    chosen = []
+    for name in names:
+        if targets == "all-linear":
+            hit = layout.kinds.get(name) in ("linear", "conv1d") and name != layout.head
+        else:
+            hit = _name_matches(targets, name)
+        if hit and not (exclude and _name_matches(exclude, name)):
+            if name not in layout.kinds:
+                raise CheckpointError(
+                    f"targets={targets!r} matches {name}, which is not a Linear, Conv1D or Embedding."
+                )
+            chosen.append(name)
+    if not chosen:
+        raise CheckpointError(f"targets={targets!r} matched no Linear, Conv1D or Embedding module of the checkpoint.")
+    return chosen
 
 
 def plan_modules(
@@ -85,19 +157,15 @@ def plan_modules(
     lora_embeddings: bool,
 ) -> Plan:
     check_pair(b, t)
-    model = skeleton(b)
+    layout = fast_layout(b) or skeleton_layout(b)
     keys: dict[str, list[str]] = {}
     for k in sorted(b.keys(), key=lambda k: (str(b.entries[k].file), b.entries[k].start)):
         keys.setdefault(k.rpartition(".")[0], []).append(k)
-    try:
-        chosen = find_targets(model, targets, exclude)
-    except TargetError as e:
-        raise CheckpointError(f"targets do not fit {b.path}: {e}") from e
-    types = dict(logical_modules(model))
-    lora = {m: L.layer_kind(types[m], m) for m in chosen}
+    chosen = select(layout, list(keys), targets, exclude)
+    lora = {m: layout.kinds[m] for m in chosen}
     if lora_embeddings:
-        lora.update({n: "embedding" for n, m in types.items() if isinstance(m, nn.Embedding)})
-    tied = _tied_head(model, b)
+        lora.update({n: "embedding" for n, k in layout.kinds.items() if k == "embedding"})
+    tied = layout.tied_head
     for module in lora:
         if module not in keys or f"{module}.weight" not in keys[module]:
             if tied and module == tied[1]:
@@ -112,5 +180,4 @@ def plan_modules(
     )
     if lora_bias:  # PEFT's lora_bias cannot apply to embeddings: those are saved whole instead
         lora = {m: k for m, k in lora.items() if k != "embedding"}
-    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-    return Plan(list(keys), keys, lora, tied, "CAUSAL_LM" if causal else None, lora_bias)
+    return Plan(list(keys), keys, lora, tied, "CAUSAL_LM" if layout.causal else None, lora_bias)

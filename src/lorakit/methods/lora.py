@@ -112,7 +112,8 @@ class Lora(nn.Module):
 
     def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """Training on a frozen nn.Linear: base and adapter in one autograd node (methods/_fused.py)."""
-        if type(base) is not nn.Linear or self.b is not None or base._forward_hooks or base._forward_pre_hooks:
+        hooked = base._forward_hooks or base._forward_pre_hooks
+        if type(base) is not nn.Linear or self.b is not None or not torch.is_grad_enabled() or hooked:
             return None
         W, bias = base.weight, base.bias
         frozen = not W.requires_grad and (bias is None or not bias.requires_grad)
@@ -163,8 +164,8 @@ class Lora(nn.Module):
 
     @staticmethod
     def lora_kwargs_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
-        d = LoraConfig()
-        kwargs = {o: type(getattr(d, o))(fields.get(p) or getattr(d, o)) for o, p in PEFT_NAMES.items()}
+        d = {o: getattr(LoraConfig(), o) for o in PEFT_NAMES}
+        kwargs = {o: type(d[o])(d[o] if fields.get(p) is None else fields[p]) for o, p in PEFT_NAMES.items()}
         return kwargs | {"init": "gaussian" if fields.get("init_lora_weights") == "gaussian" else "default"}
 
     @staticmethod

@@ -101,11 +101,18 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent adapter buffers that change in training (e.g. SingLoRA's step counter)."""
+    persistent = {n for n, _ in model.state_dict(keep_vars=True).items()}
+    return {n: b for n, b in model.named_buffers() if ".adapters." in n and n in persistent}
+
+
 def _save_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any, step: int, losses: list[float]) -> None:
     state = {
         "step": step,
         "losses": losses,
         "trainable": {n: p.detach().cpu() for n, p in _trainable(model).items()},
+        "buffers": {n: b.detach().cpu().clone() for n, b in _adapter_buffers(model).items()},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "rng": torch.get_rng_state(),
@@ -124,6 +131,10 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any) -> tupl
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state["trainable"][n])
+            buffers = _adapter_buffers(model)
+            for n, b in state.get("buffers", {}).items():
+                if n in buffers:
+                    buffers[n].copy_(b)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])

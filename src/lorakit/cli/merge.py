@@ -1,0 +1,175 @@
+"""`lorakit merge`: merge LoRA adapters into one adapter, or fold one adapter into its base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lorakit.cli._common import err, friendly_errors, out
+from lorakit.compose import MERGE_METHODS
+from lorakit.errors import ConfigError
+
+Opt = typer.Option
+FIELDS = ("adapters", "method", "weights", "out", "rank", "energy", "density", "gamma", "lam", "seed", "missing")
+METHOD_OPTIONS = ("density", "gamma", "lam")
+
+
+def _weights(value: Any, where: str) -> list[float] | None:
+    """'1,0.5,2' or a YAML list -> floats."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        return [float(w) for w in items if not (isinstance(w, str) and not w.strip())]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: weights must be numbers, comma-separated (e.g. 1,0.5,2); got {value!r}.") from e
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The YAML merge config; relative paths in it are relative to the file's folder."""
+    import yaml
+
+    try:
+        fields = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read merge config {path}: {e}") from e
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{path} must hold a mapping (adapters: [...], method: ..., out: ...).")
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(FIELDS)}.")
+    adapters = fields.get("adapters")
+    if adapters is not None and (not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters)):
+        raise ConfigError(f"{path}: adapters must be a list of adapter dir paths.")
+    if adapters is not None:
+        fields["adapters"] = [path.parent / a for a in adapters]
+    if fields.get("out") is not None:
+        fields["out"] = path.parent / str(fields["out"])
+    return fields
+
+
+def _merge_adapters(settings: dict[str, Any], where: str) -> None:
+    from lorakit.compose import merge_adapters
+    from lorakit.io.factors import read_factors
+
+    adapters = settings.get("adapters") or []
+    if settings.get("out") is None:
+        raise ConfigError("give the output adapter dir with --out DIR (or out: in the config).")
+    opts = {k: settings[k] for k in METHOD_OPTIONS if settings.get(k) is not None}
+    method = settings.get("method") or "linear"
+    path = merge_adapters(
+        adapters,
+        method,
+        _weights(settings.get("weights"), where),
+        out=settings["out"],
+        rank=settings.get("rank"),
+        energy=settings.get("energy"),
+        missing=settings.get("missing") or "error",
+        seed=int(settings.get("seed") or 0),
+        progress=True,
+        **opts,
+    )
+    ranks = read_factors(path).ranks()
+    out.print(
+        f"merged {len(adapters)} adapter(s) with {method}: {len(ranks)} modules, ranks "
+        f"{min(ranks.values())}..{max(ranks.values())} (total {sum(ranks.values())}); wrote {path}",
+        soft_wrap=True,
+    )
+
+
+def _into_base(
+    base: str | None, adapter: Path | None, target: Path | None, max_shard_size: str, check_base: bool
+) -> None:
+    from lorakit.compose import merge_into_base
+
+    if base is None or adapter is None or target is None:
+        raise ConfigError("--into-base needs --base NAME|DIR, --adapter DIR and --out MODEL_DIR.")
+    err.print(f"merging {adapter} into {base} ...")
+    path = merge_into_base(base, adapter, target, max_shard_size=max_shard_size, check_base=check_base)
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    out.print(f"wrote {path}: {len(shards)} safetensors shard(s) + tokenizer", soft_wrap=True)
+
+
+@friendly_errors
+def merge(
+    adapters: Annotated[
+        list[Path] | None,
+        typer.Argument(help="LoRA adapter dirs to merge (PEFT or lorakit format).", show_default=False),
+    ] = None,
+    out_dir: Annotated[
+        Path | None, Opt("--out", help="Where to write the merged adapter (with --into-base: the model checkpoint).")
+    ] = None,
+    method: Annotated[
+        str | None, Opt(help=f"Merge method: {', '.join(sorted(MERGE_METHODS))}. (default linear)")
+    ] = None,
+    weights: Annotated[
+        str | None, Opt(help="One weight per adapter, comma-separated, e.g. 1,0.5,2 (default all 1).")
+    ] = None,
+    rank: Annotated[int | None, Opt(min=1, help="Output rank per module (re-factored by SVD).")] = None,
+    energy: Annotated[float | None, Opt(help="Per module, the smallest rank keeping this fraction of Σσ².")] = None,
+    density: Annotated[
+        float | None, Opt(help="Fraction of entries kept (ties, dare_*, magnitude_prune, breadcrumbs).")
+    ] = None,
+    gamma: Annotated[float | None, Opt(help="Fraction of largest entries dropped (breadcrumbs).")] = None,
+    lam: Annotated[float | None, Opt(help="λ, the overall scale of task_arithmetic.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the random masks (dare_*, ortho_dropout). (default 0)")] = None,
+    missing: Annotated[
+        str | None, Opt(help="Modules only some adapters adapt: 'error' or 'zero' (treat as zero). (default error)")
+    ] = None,
+    config: Annotated[
+        Path | None, Opt(help="YAML with the same fields (adapters: [...], method, weights, out, ...).")
+    ] = None,
+    into_base: Annotated[
+        bool, Opt("--into-base", help="Fold --adapter into --base and write a full checkpoint.")
+    ] = False,
+    base: Annotated[str | None, Opt(help="With --into-base: bundled base name or checkpoint dir.")] = None,
+    adapter: Annotated[Path | None, Opt(help="With --into-base: the adapter dir to fold in.")] = None,
+    max_shard_size: Annotated[str, Opt(help="With --into-base: largest safetensors shard, e.g. 2GB.")] = "2GB",
+    check_base: Annotated[
+        bool,
+        Opt(
+            "--check-base/--no-check-base",
+            help="With --into-base: refuse an adapter saved for another base (off: apply it to a sibling "
+            "fine-tune of that base on purpose, as RE-Adapt does).",
+        ),
+    ] = True,
+) -> None:
+    """Merge LoRA adapters into one adapter, or fold one adapter into its base model.
+
+    lorakit merge A B C --method ties --weights 1,0.5,2 --rank 16 --out DIR
+
+    lorakit merge --config merge.yaml   (command-line flags override the file)
+
+    lorakit merge --into-base --base NAME|DIR --adapter A --out MODEL_DIR
+
+    Exact in factor form (rank Σ r_i): linear, cat, task_arithmetic, ortho_dropout.
+
+    svd: the best rank-r approximation of the weighted sum (default r = max r_i).
+
+    ties, dare_*, magnitude_prune, breadcrumbs: on each module's full deltas, re-factored.
+    """
+    if into_base:
+        if adapters or config is not None:
+            raise ConfigError("--into-base folds one --adapter into --base; do not also pass adapter dirs or --config.")
+        _into_base(base, adapter, out_dir, max_shard_size, check_base)
+        return
+    flags = {
+        "adapters": adapters or None,
+        "method": method,
+        "weights": weights,
+        "out": out_dir,
+        "rank": rank,
+        "energy": energy,
+        "density": density,
+        "gamma": gamma,
+        "lam": lam,
+        "seed": seed,
+        "missing": missing,
+    }
+    settings = _read_config(config) if config is not None else {}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if not settings.get("adapters"):
+        raise ConfigError("give the adapter dirs to merge (lorakit merge A B --out DIR) or --config merge.yaml.")
+    _merge_adapters(settings, str(config) if config is not None else "--weights")

@@ -1,0 +1,28 @@
+"""Merging adapters: one merge method per file, registered by ``@merge_method``; importing this
+package imports every file here, so a new method edits no other file.
+
+import lorakit as lk
+lk.merge_adapters(["a", "b"], method="ties", weights=[1, 0.5], out="merged", density=0.5, rank=16)
+"""
+
+import importlib
+import pkgutil
+
+from lorakit.compose._api import MERGE_METHODS, MergeSpec, get_merge_method, merge_method
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+from lorakit.compose.into_base import merge_into_base  # noqa: E402
+from lorakit.compose.merge import merge_adapters, merge_module  # noqa: E402
+
+__all__ = [
+    "MERGE_METHODS",
+    "MergeSpec",
+    "get_merge_method",
+    "merge_adapters",
+    "merge_into_base",
+    "merge_method",
+    "merge_module",
+]
