@@ -2,7 +2,8 @@
 
 load base -> held-out accuracy on a built-in task -> attach LoRA -> train (lorakit's loop) ->
 held-out accuracy again -> save -> reload onto a fresh base (logits must match) -> merge
-(logits must match) -> fully fine-tune the top blocks and extract a LoRA from them -> plot -> summary.
+(logits must match) -> fully fine-tune the top blocks and extract a LoRA from them -> merge the two
+adapters -> analyse the trained one -> plot -> summary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.text import Text
 from torch import nn
 
 from lorakit.cli._common import err, friendly_errors, human_bytes, out
-from lorakit.cli.demo_steps import EXTRACT_ENERGY, FT_LAYERS, extract_step
+from lorakit.cli.demo_steps import EXTRACT_ENERGY, FT_LAYERS, compose_step, extract_step
 from lorakit.inject import AdaptedLayer, wrappers
 from lorakit.train.tasks import TASKS
 
@@ -169,8 +170,11 @@ def run_demo(
     s["merged_is_plain"] = not any(isinstance(m, AdaptedLayer) for m in merged.modules())
     del fresh, merged
 
-    out.rule(f"6. fully fine-tune the top {FT_LAYERS} blocks, extract a LoRA from it (PHLoRA, energy {EXTRACT_ENERGY})")
+    out.rule(f"6. fully fine-tune the top {FT_LAYERS} blocks, extract a LoRA (PHLoRA, energy {EXTRACT_ENERGY})")
     s.update(extract_step(base, records, batch, out_dir, pad))
+
+    out.rule("7. merge the trained and the extracted adapters; analyse the trained one")
+    s.update(compose_step(base, adapter_dir, Path(s["extract_dir"]), out_dir))
 
     plot = out_dir / "plots" / "training.png"
     _plot(result.losses, _delta_norms(model), plot)
@@ -218,7 +222,14 @@ def _summary_table(s: dict[str, Any]) -> Table:
         "extracted vs fine-tuned logits",
         f"relative error {s['extract_logits_rel']:.4f} (fine-tune vs base: {s['ft_effect_rel']:.4f})",
     )
+    t.add_row("merged (trained + extracted, linear)", Text(f"{s['merged_dir']} in {s['merge_s']:.1f} s"))
+    t.add_row(
+        "analysis of the trained adapter",
+        f"mean effective rank {s['effective_rank_mean']:.2f} of 8, intruder dimensions {s['intruders']}, "
+        f"{s['analyze_s']:.0f} s",
+    )
     t.add_row("plot", Text(s["plot"]))
+    t.add_row("analysis plots", Text(s["analysis_dir"]))
     t.add_row("summary", Text(str(Path(s["out"]) / "summary.json")))
     t.add_row("checks", "[green]all passed[/]" if s["ok"] else "[red]FAILED[/]")
     return t

@@ -1,7 +1,8 @@
-"""The later stages of `lorakit demo`: extraction from a full fine-tune (and what builds on adapters)."""
+"""The later stages of `lorakit demo`: extraction from a full fine-tune, merging and analysis."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def extract_step(base: str, records: list[Any], batch: dict[str, torch.Tensor], out_dir: Path, pad: int) -> dict:
-    """Fully fine-tune the top blocks, extract them as a LoRA at EXTRACT_ENERGY, compare outputs."""
+    """Fully fine-tune the top blocks' Linear weights, extract a LoRA at EXTRACT_ENERGY, compare outputs."""
     import lorakit as lk
     from lorakit.extract import extract
     from lorakit.train import TrainConfig, train
@@ -40,8 +41,10 @@ def extract_step(base: str, records: list[Any], batch: dict[str, torch.Tensor], 
     tuned, tok = lk.load_base(base)
     for p in tuned.parameters():
         p.requires_grad_(False)
-    for block in list(_blocks(tuned))[-FT_LAYERS:]:
-        block.requires_grad_(True)
+    for block in list(_blocks(tuned))[-FT_LAYERS:]:  # every Linear weight of the top blocks (norms stay, so the
+        for module in block.modules():  # extracted adapter is pure LoRA and merges with the trained one)
+            if isinstance(module, nn.Linear):
+                module.requires_grad_(True)
     s["ft_params"] = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
     cfg = TrainConfig(steps=FT_STEPS, batch_size=8, lr=FT_LR, warmup=2, seed=0)
     result = train(tuned, records, cfg, out_dir=out_dir / "finetune-train", pad_id=pad, full=True)
@@ -69,5 +72,32 @@ def extract_step(base: str, records: list[Any], batch: dict[str, torch.Tensor], 
         f"extracted {s['extract_modules']} modules at energy ≥ {EXTRACT_ENERGY} (ranks {s['extract_rank_range'][0]}-"
         f"{s['extract_rank_range'][1]}) in {s['extract_s']:.1f} s; logits vs the fine-tune: relative error "
         f"{s['extract_logits_rel']:.4f} (the fine-tune itself moved them by {s['ft_effect_rel']:.4f})"
+    )
+    return s
+
+
+def compose_step(base: str, lora_dir: Path, extracted_dir: Path, out_dir: Path) -> dict:
+    """Merge the trained LoRA with the extracted one (exact linear sum), then analyse the trained LoRA."""
+    import lorakit as lk
+
+    s: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    merged = lk.merge_adapters(
+        [lora_dir, extracted_dir], method="linear", out=out_dir / "adapters" / "merged", missing="zero"
+    )
+    s["merge_s"], s["merged_dir"] = time.perf_counter() - t0, str(merged)
+    s["merged_modules"] = len(json.loads((Path(merged) / "adapter_config.json").read_text()).get("rank_pattern") or {})
+    out.print(f"merged {lora_dir.name} + {extracted_dir.name} (linear, exact) into {merged} in {s['merge_s']:.1f} s")
+    t0 = time.perf_counter()
+    report = lk.analyze(lora_dir, base=base)
+    plots = out_dir / "plots" / "analysis"
+    report.save(plots)
+    s["analyze_s"], s["analysis_dir"] = time.perf_counter() - t0, str(plots)
+    ranks = [m.spectrum.effective_rank for m in report.modules]
+    s["effective_rank_mean"] = sum(ranks) / len(ranks)
+    s["intruders"] = report.intruder_total()
+    out.print(
+        f"analysed {len(report.modules)} modules in {s['analyze_s']:.1f} s: mean effective rank "
+        f"{s['effective_rank_mean']:.2f}, intruder dimensions {s['intruders']}; plots in {plots}"
     )
     return s
