@@ -93,6 +93,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
             for suffix, t in adapter.export_state().items():
                 tensors[f"{PREFIX}{module_name}.{suffix}"] = t.detach().contiguous().cpu()
     tensors.update({key: t.detach().contiguous().cpu() for key, t in _saved_state(model, name).items()})
+    tensors.update({key: t.detach().contiguous().cpu() for key, (_, t) in _shared_state(model, name).items()})
     modules = [m for m in info.modules if m in module_cfgs]
     kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}  # type: ignore[arg-type]
     rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
@@ -130,6 +131,32 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
     return Path(path)
+
+
+def _shared_state(model: nn.Module, name: str) -> dict[str, tuple[Any, torch.Tensor]]:
+    """Full file key -> (importer, tensor) for state the layers of adapter ``name`` share (VB-LoRA's bank).
+
+    An adapter may define ``export_shared()`` (full file keys, e.g. ``base_model.vblora_vector_bank``) and
+    ``import_shared(state)``; a key is written once however many layers share it.
+    """
+    out: dict[str, tuple[Any, torch.Tensor]] = {}
+    for _, wrapper in wrappers(model):
+        adapter: Any = wrapper.adapters[name] if name in wrapper.adapters else None  # noqa: SIM401 - a ModuleDict
+        if hasattr(adapter, "export_shared"):
+            importer = _SharedImporter(adapter)
+            for key, t in adapter.export_shared().items():
+                out.setdefault(key, (importer, t))
+    return out
+
+
+class _SharedImporter:
+    """Routes a loaded shared state to its adapter's ``import_shared`` (``_fill`` calls ``import_state``)."""
+
+    def __init__(self, adapter: Any):
+        self.adapter, self.config = adapter, adapter.config
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.import_shared(state)
 
 
 def _saved_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -295,7 +322,7 @@ def _drop_saved_embeddings(tensors: dict[str, torch.Tensor], model: nn.Module, f
 
 
 def _expected(model: nn.Module, name: str) -> dict[str, tuple[Any, str, torch.Tensor]]:
-    """key -> (owner, its local key, current tensor) for adapter ``name``: adapter factors and saved copies."""
+    """key -> (owner, its local key, current tensor) for adapter ``name``: factors, saved copies, shared state."""
     expected: dict[str, tuple[Any, str, torch.Tensor]] = {}
     for module_name, wrapper in wrappers(model):
         if name in wrapper.adapters:
@@ -306,6 +333,7 @@ def _expected(model: nn.Module, name: str) -> dict[str, tuple[Any, str, torch.Te
         if name in holder.copies:
             for param, t in holder.copies[name].state_dict().items():
                 expected[f"{PREFIX}{module_name}.{param}"] = (holder.copies[name], param, t)
+    expected.update({key: (importer, key, t) for key, (importer, t) in _shared_state(model, name).items()})
     return expected
 
 
