@@ -50,8 +50,10 @@ class SafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.header:
             raise ValueError(f"tensor {name!r} written twice")
-        t = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach())  # standard strides, on the CPU
-        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        t = tensor.detach()
+        if t.device.type != "cpu" or not t.is_contiguous():
+            t = torch.empty(t.shape, dtype=t.dtype).copy_(t)  # standard strides, on the CPU
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""  # a view: no copy of the bytes
         self.file.write(data)  # type: ignore[arg-type]  # numpy arrays expose the buffer protocol
         n = t.numel() * t.element_size()
         self.header[name] = {
