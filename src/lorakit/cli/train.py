@@ -74,7 +74,7 @@ def _report_table(report: Any, out_dir: Path) -> Table:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for key in sorted(set(report.before) | set(report.after)):
-        fmt = "{:.1%}" if key == "exact_match" else "{:.4g}"
+        fmt = "{:.1%}" if key in ("exact_match", "accuracy") else "{:.4g}"
         table.add_row(
             key, fmt.format(report.before.get(key, float("nan"))), fmt.format(report.after.get(key, float("nan")))
         )
@@ -100,7 +100,9 @@ def train(
         str | None, Opt(help="'all-linear', comma-separated suffixes, or a regex (default all-linear).")
     ] = None,
     task: Annotated[str | None, Opt(help="Built-in task: addition, date, sort, reverse.")] = None,
-    data: Annotated[str | None, Opt(help="JSONL file: prompt/completion, messages or text records.")] = None,
+    data: Annotated[
+        str | None, Opt(help="JSONL file: prompt/completion, messages, text, or text/label (classification) records.")
+    ] = None,
     steps: Annotated[int | None, Opt(help="Optimiser steps (default 100).")] = None,
     batch_size: Annotated[int | None, Opt(help="Sequences per micro-batch (default 8).")] = None,
     grad_accum: Annotated[int | None, Opt(help="Micro-batches per step (default 1).")] = None,
@@ -147,6 +149,8 @@ def train(
     cfg = TrainConfig(**{f.name: s[f.name] for f in dataclasses.fields(TrainConfig) if s.get(f.name) is not None})
     report = run_training(spec, cfg, Path(s["out"]), resume=bool(s.get("resume")))
     console.print(_report_table(report, Path(s["out"])))
+    if report.labels:
+        console.print(f"  classes by id: {report.labels}")
     for sample in report.samples:
         console.print(f"  {sample['prompt']!r} -> {sample['prediction']!r} (expected {sample['answer']!r})")
     err.print(f"adapter, metrics.jsonl, loss_curve.png and train_report.json are in {s['out']}")
@@ -172,6 +176,12 @@ def evaluate(
 
     if (task is None) == (data is None):
         raise ConfigError("give exactly one of --task or --data.")
+    fmt, rows = read_jsonl(data) if data is not None else ("prompt_completion", [])
+    if fmt == "text_label":
+        raise ConfigError(
+            f"{data} holds text/label (classification) records, which `lorakit eval` does not score yet; "
+            "`lorakit train` reports their held-out accuracy in train_report.json."
+        )
     model, tok = lk.load_base(base)
     if adapter is not None:
         lk.load_adapter(model, adapter)
@@ -180,7 +190,6 @@ def evaluate(
         examples = task_examples(task, "heldout", n, seed=seed)
         fmt, rows = "prompt_completion", [{"prompt": e.prompt, "completion": e.answer} for e in examples]
     else:
-        fmt, rows = read_jsonl(data or "")
         examples = [Example(r["prompt"], r["completion"]) for r in rows] if fmt == "prompt_completion" else []
     pad = pad_id(tok)
     loss, ppl = mean_loss(model, encode_rows(tok, fmt, rows, chat=use_chat, max_len=1024), pad)

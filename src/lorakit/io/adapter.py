@@ -56,6 +56,8 @@ def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith("ForCausalLM"):
         return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
     return None
 
 

@@ -3,7 +3,9 @@
 Formats (one JSON object per line):
 - ``{"prompt": ..., "completion": ...}``: loss on the completion only;
 - ``{"messages": [{"role": ..., "content": ...}, ...]}``: chat, loss on assistant turns only;
-- ``{"text": ...}``: plain causal LM, loss on every token.
+- ``{"text": ...}``: plain causal LM, loss on every token;
+- ``{"text": ..., "label": ...}``: sequence classification; labels are ints (class ids) or strings
+  (mapped to ids in sorted order by :func:`label_names`), one kind per file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import torch
 from lorakit.errors import ConfigError
 
 IGNORE = -100  # label value the loss skips
-FORMATS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+# Tried in order: "text_label" before its subset "text".
+FORMATS = {
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text_label": ("text", "label"),
+    "text": ("text",),
+}
 
 
 @dataclass
@@ -28,6 +36,7 @@ class Record:
 
     input_ids: list[int]
     labels: list[int]
+    label: int | None = None  # class id of a sequence-classification record (then ``labels`` is unused)
 
 
 def _format_of(row: Any, where: str) -> str:
@@ -38,7 +47,7 @@ def _format_of(row: Any, where: str) -> str:
             return name
     raise ConfigError(
         f"{where}: unknown record with keys {sorted(row)}; "
-        "expected {'prompt','completion'}, {'messages'} or {'text'}."
+        "expected {'prompt','completion'}, {'messages'}, {'text','label'} or {'text'}."
     )
 
 
@@ -58,7 +67,13 @@ def _check_row(row: dict[str, Any], fmt: str, where: str) -> None:
         if not any(m["role"] == "assistant" for m in msgs):
             raise ConfigError(f"{where}: the conversation has no assistant turn, so there is nothing to learn.")
         return
-    for key in FORMATS[fmt]:
+    if fmt == "text_label":
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
+            raise ConfigError(f"{where}: 'label' must be an integer class id or a non-empty string, got {label!r}.")
+        if isinstance(label, int) and label < 0:
+            raise ConfigError(f"{where}: 'label' must be a class id >= 0, got {label}.")
+    for key in FORMATS[fmt][:1] if fmt == "text_label" else FORMATS[fmt]:
         if not isinstance(row[key], str) or not row[key]:
             raise ConfigError(f"{where}: field {key!r} must be a non-empty string.")
 
@@ -79,14 +94,32 @@ def read_jsonl(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from e
         row_fmt = _format_of(row, where)
+        if fmt == "text_label" and row_fmt == "text":
+            raise ConfigError(f"{where}: missing 'label'; every line of a classification file needs text and label.")
         if fmt is not None and row_fmt != fmt:
             raise ConfigError(f"{where}: a {row_fmt!r} record in a file of {fmt!r} records; use one format per file.")
         _check_row(row, row_fmt, where)
+        if row_fmt == "text_label" and rows and type(row["label"]) is not type(rows[0]["label"]):
+            raise ConfigError(
+                f"{where}: label {row['label']!r} mixes integer and string labels; use one kind per file."
+            )
         fmt = row_fmt
         rows.append(row)
     if fmt is None:
         raise ConfigError(f"data file {path} holds no records.")
     return fmt, rows
+
+
+def label_names(rows: Sequence[dict[str, Any]]) -> list[int] | list[str]:
+    """Class names by id: ``[0, ..., max]`` for integer labels, the sorted distinct strings otherwise."""
+    labels = [r["label"] for r in rows]
+    if all(isinstance(x, int) for x in labels):
+        names: list[int] | list[str] = list(range(max(labels) + 1))
+    else:
+        names = sorted(set(labels))
+    if len(names) < 2:
+        raise ConfigError(f"classification data needs at least 2 classes; found only {names!r}.")
+    return names
 
 
 def pad_id(tok: Any) -> int:
@@ -130,8 +163,20 @@ def encode_messages(tok: Any, messages: list[dict[str, str]]) -> Record:
     return Record(ids, labels)
 
 
+def encode_labelled(tok: Any, rows: Sequence[dict[str, Any]], names: Sequence[int | str], max_len: int) -> list[Record]:
+    """Classification records: the tokenizer's full encoding (with [CLS]/[SEP] where it adds them), class id."""
+    ids_of = {name: i for i, name in enumerate(names)}
+    out = []
+    for row in rows:
+        ids = list(tok(row["text"], truncation=True, max_length=max_len)["input_ids"])
+        out.append(Record(ids, [IGNORE] * len(ids), label=ids_of[row["label"]]))
+    return out
+
+
 def encode_rows(tok: Any, fmt: str, rows: Sequence[dict[str, Any]], *, chat: bool, max_len: int) -> list[Record]:
     """Tokenise rows of one format; sequences are cut to ``max_len`` tokens."""
+    if fmt == "text_label":
+        return encode_labelled(tok, rows, label_names(rows), max_len)
     out = []
     for row in rows:
         if fmt == "prompt_completion":
@@ -160,7 +205,10 @@ def pack(records: Sequence[Record], max_len: int) -> list[Record]:
 
 
 def collate(records: Sequence[Record], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest record: input_ids, attention_mask and labels, each (B, T)."""
+    """Right-pad to the longest record: input_ids, attention_mask and labels, each (B, T).
+
+    Classification records (``label`` set) give labels of shape (B,): one class id per sequence.
+    """
     T = max(len(r.input_ids) for r in records)
     ids = torch.full((len(records), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(records), T), IGNORE, dtype=torch.long)  # (B, T)
@@ -170,4 +218,6 @@ def collate(records: Sequence[Record], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(r.input_ids)
         labels[i, :n] = torch.tensor(r.labels)
         mask[i, :n] = 1
+    if all(r.label is not None for r in records):
+        labels = torch.tensor([r.label for r in records], dtype=torch.long)  # (B,)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

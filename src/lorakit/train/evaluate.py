@@ -1,4 +1,5 @@
-"""Evaluation: mean loss / perplexity on records, exact-match accuracy by greedy generation."""
+"""Evaluation: mean loss / perplexity on records, exact-match accuracy by greedy generation,
+classification accuracy (argmax of the logits) on labelled records."""
 
 from __future__ import annotations
 
@@ -97,3 +98,23 @@ def mean_loss(model: nn.Module, records: Sequence[Record], pad_id: int, batch_si
     model.train(was_training)
     mean = total / max(1, count)
     return mean, math.exp(min(mean, 50.0))
+
+
+@torch.no_grad()
+def classification_accuracy(
+    model: nn.Module, records: Sequence[Record], pad_id: int, batch_size: int = 32
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a sequence classifier: ŷ = argmax_c logits[c], vs ``record.label``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, total_loss = 0, 0.0
+    for start in range(0, len(records), batch_size):
+        batch = {k: v.to(device) for k, v in collate(records[start : start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, C)
+        labels = batch["labels"]  # (B,)
+        correct += int((logits.argmax(-1) == labels).sum())
+        total_loss += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+    model.train(was_training)
+    n = max(1, len(records))
+    return correct / n, total_loss / n

@@ -3,23 +3,30 @@
 The output folder is an adapter directory from the first step on (the initial adapter is saved
 before training), beside ``metrics.jsonl``, ``loss_curve.png``, ``train_report.json`` and, while
 a run is in progress, ``checkpoint.pt`` for ``resume``.
+
+A ``{"text","label"}`` file trains a sequence classifier instead: the base checkpoint is loaded as
+``AutoModelForSequenceClassification`` with a new (seeded) head, the adapter targets the encoder's
+layers and keeps a trainable copy of ``classifier`` (``modules_to_save``), the loss is HF's
+cross-entropy on the class ids, and held-out accuracy (argmax) replaces exact match.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 import lorakit as lk
 from lorakit.errors import ConfigError
 from lorakit.io.atomic import atomic_write_text
-from lorakit.train.data import Record, encode_rows, pack, pad_id, read_jsonl
-from lorakit.train.evaluate import exact_match, mean_loss
+from lorakit.train.data import Record, encode_labelled, encode_rows, label_names, pack, pad_id, read_jsonl
+from lorakit.train.evaluate import classification_accuracy, exact_match, mean_loss
 from lorakit.train.loop import TrainConfig, TrainResult, train
 from lorakit.train.tasks import Example, task_examples
 
@@ -55,6 +62,17 @@ class RunReport:
     tokens_per_s: float = 0.0
     losses: list[float] = field(default_factory=list)
     samples: list[dict[str, str]] = field(default_factory=list)
+    labels: list[Any] = field(default_factory=list)  # classification: class names by id
+
+
+def _split(
+    spec: RunSpec, all_rows: list[dict[str, Any]], seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(held-out rows, training rows): a seeded shuffle, then min(eval_examples, 10%) rows held out."""
+    all_rows = list(all_rows)
+    random.Random(seed).shuffle(all_rows)
+    n_held = min(spec.eval_examples, max(1, len(all_rows) // 10)) if len(all_rows) > 1 else 0
+    return all_rows[:n_held], all_rows[n_held:]
 
 
 def _data(spec: RunSpec, tok: Any, chat: bool, seed: int) -> tuple[list[Record], list[Record], list[Example]]:
@@ -67,10 +85,7 @@ def _data(spec: RunSpec, tok: Any, chat: bool, seed: int) -> tuple[list[Record],
         fmt = "prompt_completion"
     else:
         fmt, all_rows = read_jsonl(spec.data or "")
-        all_rows = list(all_rows)
-        random.Random(seed).shuffle(all_rows)
-        n_held = min(spec.eval_examples, max(1, len(all_rows) // 10)) if len(all_rows) > 1 else 0
-        held_rows, rows = all_rows[:n_held], all_rows[n_held:]
+        held_rows, rows = _split(spec, all_rows, seed)
         held = [Example(r["prompt"], r["completion"]) for r in held_rows] if fmt == "prompt_completion" else []
     records = encode_rows(tok, fmt, rows, chat=chat, max_len=spec.max_len)
     held_records = encode_rows(tok, fmt, held_rows, chat=chat, max_len=spec.max_len)
@@ -89,15 +104,98 @@ def _evaluate(
     return out
 
 
+def _seqcls_base(base: str, num_labels: int, seed: int) -> tuple[nn.Module, Any]:
+    """(sequence classifier on ``base``'s encoder with a head seeded by ``seed``, tokenizer), offline."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from lorakit.errors import BaseModelError
+    from lorakit.models import BUNDLED, MINILM_HUB_ID, SMOLLM2_HUB_ID, base_dir
+
+    folder = base_dir(base) if base in BUNDLED else Path(base).expanduser()
+    torch.manual_seed(seed)  # the new head's initialisation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights are newly initialized": expected, the head is new
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"cannot load {base} as a sequence classifier: {str(e).strip().splitlines()[0]}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not isinstance(getattr(model, "classifier", None), nn.Module):
+        raise ConfigError(f"{type(model).__name__} has no 'classifier' head; text/label data needs an encoder base.")
+    names = {"smollm2-135m": SMOLLM2_HUB_ID, "minilm-l6": MINILM_HUB_ID}
+    model.config._name_or_path = names.get(base, str(folder))
+    model.eval()
+    return model, tok
+
+
+def _run_seqcls(
+    spec: RunSpec, cfg: TrainConfig, rows: list[dict[str, Any]], out_dir: Path, *, resume: bool, progress: bool
+) -> RunReport:
+    """Classification run: labels -> ids, classifier from the encoder, accuracy before and after."""
+    if spec.packing:
+        raise ConfigError("packing joins sequences and cannot be used with text/label (classification) data.")
+    method_cfg = lk.method_config(spec.method, **spec.method_options)
+    names = label_names(rows)
+    model, tok = _seqcls_base(spec.base, len(names), cfg.seed)
+    held_rows, train_rows = _split(spec, rows, cfg.seed)
+    records = encode_labelled(tok, train_rows, names, spec.max_len)
+    held = encode_labelled(tok, held_rows, names, spec.max_len)
+    pad = pad_id(tok)
+
+    def evaluate() -> dict[str, float]:
+        if not held:
+            return {}
+        acc, loss = classification_accuracy(model, held, pad)
+        return {"accuracy": acc, "loss": loss}
+
+    report = RunReport(spec=asdict(spec), train=asdict(cfg), labels=list(names))
+    report.before = evaluate()
+    lk.attach(model, method_cfg, targets=spec.targets, exclude=["classifier"], modules_to_save=["classifier"])
+    return _train_and_save(model, records, cfg, out_dir, pad, report, evaluate, resume=resume, progress=progress)
+
+
+def _train_and_save(
+    model: nn.Module,
+    records: list[Record],
+    cfg: TrainConfig,
+    out_dir: Path,
+    pad: int,
+    report: RunReport,
+    evaluate: Callable[[], dict[str, float]],
+    *,
+    resume: bool,
+    progress: bool,
+) -> RunReport:
+    """Save the initial adapter, train, evaluate after, save the adapter, loss curve and report."""
+    from lorakit.train.plot import plot_losses
+
+    resume = resume and (out_dir / "checkpoint.pt").exists()  # then the weights come from the checkpoint
+    if not resume:
+        lk.save_adapter(model, out_dir)  # out_dir is an adapter dir from the start
+    result: TrainResult = train(model, records, cfg, out_dir=out_dir, pad_id=pad, resume=resume, progress=progress)
+    report.after = evaluate()
+    report.train_seconds, report.tokens_per_s, report.losses = result.seconds, result.tokens_per_s, result.losses
+    lk.save_adapter(model, out_dir)
+    spec = report.spec
+    plot_losses(result.losses, out_dir / "loss_curve.png", title=f"{spec['method']} on {spec['task'] or spec['data']}")
+    atomic_write_text(out_dir / "train_report.json", json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
 def run_training(
     spec: RunSpec, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
 ) -> RunReport:
     """Train an adapter as described; the adapter and its logs end up in ``out_dir``."""
-    from lorakit.train.plot import plot_losses
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "adapter_config.json").exists():
         raise ConfigError(f"{out_dir} exists and is not an adapter directory; choose another --out.")
+    if spec.data is not None:
+        fmt, rows = read_jsonl(spec.data)
+        if fmt == "text_label":
+            return _run_seqcls(spec, cfg, rows, out_dir, resume=resume, progress=progress)
     method_cfg = lk.method_config(spec.method, **spec.method_options)
     model, tok = lk.load_base(spec.base)
     chat = bool(getattr(tok, "chat_template", None)) if spec.chat is None else spec.chat
@@ -105,19 +203,22 @@ def run_training(
     report = RunReport(spec=asdict(spec), train=asdict(cfg))
     report.before = _evaluate(model, tok, held_records, held, chat)
     lk.attach(model, method_cfg, targets=spec.targets)
-    resume = resume and (out_dir / "checkpoint.pt").exists()  # then the weights come from the checkpoint
-    if not resume:
-        lk.save_adapter(model, out_dir)  # out_dir is an adapter dir from the start
     pad = pad_id(tok)
-    result: TrainResult = train(model, records, cfg, out_dir=out_dir, pad_id=pad, resume=resume, progress=progress)
-    report.after = _evaluate(model, tok, held_records, held, chat)
-    report.train_seconds, report.tokens_per_s, report.losses = result.seconds, result.tokens_per_s, result.losses
+    _train_and_save(
+        model,
+        records,
+        cfg,
+        out_dir,
+        pad,
+        report,
+        lambda: _evaluate(model, tok, held_records, held, chat),
+        resume=resume,
+        progress=progress,
+    )
     if held:
         predictions = exact_match(model, tok, held[:5], chat=chat).predictions
         report.samples = [
             {"prompt": e.prompt, "answer": e.answer, "prediction": p} for e, p in zip(held, predictions, strict=False)
         ]
-    lk.save_adapter(model, out_dir)
-    plot_losses(result.losses, out_dir / "loss_curve.png", title=f"{spec.method} on {spec.task or spec.data}")
-    atomic_write_text(out_dir / "train_report.json", json.dumps(asdict(report), indent=2) + "\n")
+        atomic_write_text(out_dir / "train_report.json", json.dumps(asdict(report), indent=2) + "\n")
     return report
