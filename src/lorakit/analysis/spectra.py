@@ -21,15 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.methods._api import LoraFactors
+from lorakit.methods._lowrank import factor_svd
 
 
 def delta_svd(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD (U (out, k), S (k,), Vh (k, in)) of scale·B@A in float64, k = min(r, out, in)."""
-    Qb, Rb = torch.linalg.qr(f.B.double())  # Qb (out, k_b), Rb (k_b, r)
-    Qa, Ra = torch.linalg.qr(f.A.double().T)  # Qa (in, k_a), Ra (k_a, r)
-    Uc, S, Vch = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (k_b, k_a)
-    sign = -1.0 if f.scale < 0 else 1.0
-    return Qb @ Uc, S * abs(f.scale), sign * (Vch @ Qa.T)  # (out, k), (k,), (k, in)
+    return factor_svd(f, torch.float64)
 
 
 def singular_values(f: LoraFactors) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.methods._api import LoraFactors
+from lorakit.methods._lowrank import factor_svd
 
 RankRule = Literal["sum", "max"]
 
@@ -110,13 +111,9 @@ def refactor(f: LoraFactors, rank: int | None = None, energy: float | None = Non
     s·B@A = (Qb Rb)(Qa Ra)ᵀ = Qb (Rb Raᵀ) Qaᵀ, so the singular values of the small core Rb Raᵀ are
     those of ΔW; no (out, in) matrix is formed. The result has scale 1.
     """
-    Qb, Rb = torch.linalg.qr(f.B.float() * f.scale)  # Qb (out, p), Rb (p, R), p = min(out, R)
-    Qa, Ra = torch.linalg.qr(f.A.float().T)  # Qa (in, q), Ra (q, R), q = min(in, R)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (p, q)
+    U, S, Vh = factor_svd(f, torch.float32)  # U (out, n), S (n,), Vh (n, in)
     k = keep_rank(S, rank, energy)
-    B = (Qb @ U[:, :k]) * S[:k]  # (out, k)
-    A = Vh[:k] @ Qa.T  # (k, in)
-    return LoraFactors(A, B, 1.0)
+    return LoraFactors(Vh[:k], U[:, :k] * S[:k], 1.0)  # A (k, in), B (out, k)
 
 
 def factorize(delta: torch.Tensor, rank: int | None = None, energy: float | None = None) -> LoraFactors:

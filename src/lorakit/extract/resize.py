@@ -1,8 +1,7 @@
 """Re-factor an existing LoRA to a lower rank (or an energy target) without forming d_out×d_in matrices.
 
-For ΔW = s·B·A with B (out, r), A (r, in): B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), so
-ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ and the SVD of the r×r core U Σ Vᵀ gives ΔW's exact SVD
-(Q_b U) Σ (Q_a V)ᵀ. Truncating it is the best rank-k approximation (Eckart–Young).
+``methods._lowrank.factor_svd`` gives ΔW = s·B·A's exact SVD from QR of the factors and an r×r
+core; truncating it is the best rank-k approximation (Eckart–Young).
 """
 
 from __future__ import annotations
@@ -12,20 +11,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lorakit.errors import AdapterFormatError
 from lorakit.extract.lowrank import RankRule
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
 from lorakit.methods._api import LoraFactors
-
-
-def factor_svd(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U (out, r), S (r,), Vh (r, in)) with U·diag(S)·Vh = scale·B·A exactly, from r×r work only."""
-    Qb, Rb = torch.linalg.qr(f.B.double())  # (out, r), (r, r)
-    Qa, Ra = torch.linalg.qr(f.A.double().T)  # (in, r), (r, r)
-    U, S, Vh = torch.linalg.svd(f.scale * (Rb @ Ra.T))  # core (r, r)
-    return Qb @ U, S, Vh @ Qa.T
+from lorakit.methods._lowrank import factor_svd
 
 
 def resize(

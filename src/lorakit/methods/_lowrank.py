@@ -1,4 +1,4 @@
-"""Low-rank factor algebra shared by methods: exact SVD factorisation and rank truncation."""
+"""Low-rank factor algebra shared by methods, merging, extraction and analysis: SVDs from factors, truncation."""
 
 from __future__ import annotations
 
@@ -15,13 +15,22 @@ def factorize(delta: torch.Tensor, rank: int) -> LoraFactors:
     return LoraFactors(Vh[:k].to(delta.dtype), B.to(delta.dtype), 1.0)
 
 
+def factor_svd(f: LoraFactors, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact thin SVD (U (out, k), S (k,), Vh (k, in)) of scale·B@A from the factors alone, k = min(out, in, r).
+
+    B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), so scale·B@A = Q_b (scale·R_b R_aᵀ) Q_aᵀ and the SVD of that
+    small core gives the SVD of the product; no (out, in) matrix is formed.
+    """
+    Qb, Rb = torch.linalg.qr(f.B.to(dtype) * f.scale)  # Qb (out, p), Rb (p, r), p = min(out, r)
+    Qa, Ra = torch.linalg.qr(f.A.to(dtype).T)  # Qa (in, q), Ra (q, r), q = min(in, r)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (p, q)
+    return Qb @ U, S, Vh @ Qa.T
+
+
 def truncate(f: LoraFactors, rank: int) -> LoraFactors:
-    """Best rank-``rank`` approximation of scale·B@A from the factors alone (QR, then an r×r SVD)."""
+    """Best rank-``rank`` approximation of scale·B@A from the factors alone (see :func:`factor_svd`)."""
     if rank >= f.A.shape[0]:
         return f
-    Qb, Rb = torch.linalg.qr(f.B.float())  # Qb (out, r), Rb (r, r)
-    Qa, Ra = torch.linalg.qr(f.A.float().T)  # Qa (in, r), Ra (r, r)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)  # core (r, r)
-    B = (Qb @ U[:, :rank]) * S[:rank]  # (out, rank)
-    A = Vh[:rank] @ Qa.T  # (rank, in)
-    return LoraFactors(A.to(f.A.dtype), B.to(f.B.dtype), f.scale)
+    U, S, Vh = factor_svd(LoraFactors(f.A, f.B, 1.0), torch.float32)
+    B = U[:, :rank] * S[:rank]  # (out, rank)
+    return LoraFactors(Vh[:rank].to(f.A.dtype), B.to(f.B.dtype), f.scale)
