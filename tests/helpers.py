@@ -64,3 +64,15 @@ def adapt(
     if randomize:
         randomize_adapters(model, seed=seed)
     return model
+
+
+def assert_same_as_peft(model: nn.Module, theirs: nn.Module, state: dict, marker: str, base: nn.Module, x) -> None:
+    """Load our adapter ``state`` into the PEFT model ``theirs``: every key fits (no unexpected key, no
+    missing ``marker`` key), and PEFT's logits equal ``model``'s (1e-5), which differ from ``base``'s."""
+    import peft
+
+    result = peft.set_peft_model_state_dict(theirs, state)
+    assert not result.unexpected_keys and not [k for k in result.missing_keys if marker in k]
+    y = logits(model, x)
+    assert (y - logits(base, x)).abs().max() > 1e-3
+    torch.testing.assert_close(logits(theirs.eval(), x), y, atol=1e-5, rtol=1e-5)

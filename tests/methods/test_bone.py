@@ -10,7 +10,7 @@ import lorakit as lk
 from lorakit.inject import wrappers
 from lorakit.methods.bone import Bone
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
-from tests.helpers import logits, tokens
+from tests.helpers import assert_same_as_peft, logits, tokens
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -84,11 +84,7 @@ def test_same_weights_give_same_outputs_as_peft():
     model = ours()
     state = {f"base_model.model.{n}.miss_block": w.adapters["default"].B.detach() for n, w in wrappers(model)}
     theirs = peft.get_peft_model(tiny_llama(), peft.MissConfig(r=16, init_weights="bat", target_modules=TARGETS))
-    result = peft.set_peft_model_state_dict(theirs, state)
-    assert not result.unexpected_keys and not [k for k in result.missing_keys if "miss" in k]
-    y = logits(model, X)
-    assert (y - logits(tiny_llama(), X)).abs().max() > 1e-3
-    torch.testing.assert_close(logits(theirs.eval(), X), y, atol=1e-5, rtol=1e-5)
+    assert_same_as_peft(model, theirs, state, "miss", tiny_llama(), X)
 
 
 def test_lorakit_dir_loads_in_peft(tmp_path):

@@ -10,7 +10,7 @@ import lorakit as lk
 from lorakit.inject import wrappers
 from lorakit.methods.delora import Delora
 from lorakit.testing import randomize_adapters, tiny_llama
-from tests.helpers import logits, tokens
+from tests.helpers import assert_same_as_peft, logits, tokens
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -114,11 +114,7 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_same_weights_give_same_outputs_as_peft():
     model = ours()
     theirs = peft.get_peft_model(tiny_llama(), peft.DeloraConfig(r=4, delora_lambda=10, target_modules=TARGETS))
-    result = peft.set_peft_model_state_dict(theirs, state_of(model))
-    assert not result.unexpected_keys and not [k for k in result.missing_keys if "delora" in k]
-    y = logits(model, X)
-    assert (y - logits(tiny_llama(), X)).abs().max() > 1e-3
-    torch.testing.assert_close(logits(theirs.eval(), X), y, atol=1e-5, rtol=1e-5)
+    assert_same_as_peft(model, theirs, state_of(model), "delora", tiny_llama(), X)
 
 
 def test_lorakit_dir_loads_in_peft(tmp_path):

@@ -9,7 +9,7 @@ import lorakit as lk
 from lorakit.inject import wrappers
 from lorakit.methods.gralora import Gralora
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
-from tests.helpers import logits, tokens
+from tests.helpers import assert_same_as_peft, logits, tokens
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -109,11 +109,7 @@ def test_same_weights_give_same_outputs_as_peft(kind, hybrid_r):
     model = ours(kind, hybrid_r)
     state = {f"base_model.model.{n}.{key}": t for n, w in wrappers(model) for key, t in export(w).items()}
     theirs = peft.get_peft_model(MODELS[kind][0](), peft_config(kind, hybrid_r))
-    result = peft.set_peft_model_state_dict(theirs, state)
-    assert not result.unexpected_keys and not [k for k in result.missing_keys if "gralora" in k]
-    y = logits(model, X)
-    assert (y - logits(MODELS[kind][0](), X)).abs().max() > 1e-3
-    torch.testing.assert_close(logits(theirs.eval(), X), y, atol=1e-5, rtol=1e-5)
+    assert_same_as_peft(model, theirs, state, "gralora", MODELS[kind][0](), X)
 
 
 @pytest.mark.parametrize("kind, hybrid_r", CASES)

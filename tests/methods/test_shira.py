@@ -11,7 +11,7 @@ import lorakit as lk
 from lorakit.inject import wrappers
 from lorakit.methods.shira import Shira
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
-from tests.helpers import logits, tokens
+from tests.helpers import assert_same_as_peft, logits, tokens
 
 peft = pytest.importorskip("peft")
 from peft.tuners.shira.mask_functions import random_mask  # noqa: E402
@@ -99,11 +99,7 @@ def test_same_weights_give_same_outputs_as_peft():
         for key, t in w.adapters["default"].export_state().items()
     }
     theirs = peft.get_peft_model(tiny_llama(), peft.ShiraConfig(r=4, random_seed=99, target_modules=TARGETS))
-    result = peft.set_peft_model_state_dict(theirs, state)  # our indices replace PEFT's (other seed) mask
-    assert not result.unexpected_keys and not [k for k in result.missing_keys if "shira" in k]
-    y = logits(model, X)
-    assert (y - logits(tiny_llama(), X)).abs().max() > 1e-3
-    torch.testing.assert_close(logits(theirs.eval(), X), y, atol=1e-5, rtol=1e-5)
+    assert_same_as_peft(model, theirs, state, "shira", tiny_llama(), X)  # our indices replace PEFT's (other seed) mask
 
 
 def test_lorakit_dir_loads_in_peft(tmp_path):
