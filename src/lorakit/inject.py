@@ -14,7 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,19 +203,31 @@ def attach(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     modules_to_save: Sequence[str] | None = None,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    initialize: bool = True,
 ) -> nn.Module:
     """Add adapter ``name`` of ``cfg``'s method to every targeted module, make it active and trainable.
 
     ``modules_to_save`` (name suffixes, as PEFT) are modules the adapter replaces whole with a
     trainable copy, e.g. a new classifier head. The base model is frozen; only the new adapter's
-    parameters require grad. Returns ``model``.
+    parameters require grad. ``calibration`` (batches: dicts with ``input_ids``, ``attention_mask``,
+    ``labels``) feeds initialisations that read data (PiSSA needs none, LoRA-GA and EVA do); the
+    adapter class's ``initialize`` hook runs once all adapters are in place; ``initialize=False``
+    skips it (and the need for calibration), as ``load_adapter`` does before filling in saved weights.
+    Returns ``model``.
     """
     spec = spec_of_config(cfg)
+    if initialize and spec.needs_calibration and calibration is None:
+        raise ConfigError(
+            f"method {spec.name!r} initialises from data; pass calibration=batches (dicts with input_ids, "
+            "attention_mask, labels) to attach, or --init-batches N on the CLI."
+        )
     if not name or "." in name or not name.isidentifier():
         raise ConfigError(f"adapter name {name!r} must be a Python identifier without dots, e.g. 'default'.")
     if name in _registry(model):
         raise ConfigError(f"the model already has an adapter named {name!r}; delete_adapter() it or pick another name.")
     chosen = find_targets(model, targets, exclude)
+    previous = active_adapter(model)
     saved = _saved_targets(model, modules_to_save or [], chosen)
     built = {}
     for module_name in chosen:  # build all first, so a failure leaves the model untouched
@@ -237,7 +249,35 @@ def attach(
         holder.copies[name] = copy.deepcopy(holder.base_layer)
     _registry(model)[name] = AdapterInfo(cfg, spec, chosen, saved)
     set_active(model, name)
+    if initialize:
+        _initialize(model, name, spec, cfg, built, calibration, previous)
     return model
+
+
+def _initialize(
+    model: nn.Module,
+    name: str,
+    spec: MethodSpec,
+    cfg: Any,
+    built: dict[str, nn.Module],
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None,
+    previous: str | None,
+) -> None:
+    """Run the method's ``initialize`` hook, if any; on failure the new adapter is removed again."""
+    hook = getattr(spec.adapter, "initialize", None)
+    if hook is None:
+        return
+    try:
+        if calibration is not None and not isinstance(calibration, Iterable):
+            raise ConfigError(
+                f"calibration must be an iterable of batches (dicts of tensors), got a {type(calibration).__name__}."
+            )
+        batches = None if calibration is None else [dict(b) if isinstance(b, Mapping) else b for b in calibration]
+        hook(model, built, cfg, batches)
+    except BaseException:
+        delete_adapter(model, name)
+        set_active(model, previous)
+        raise
 
 
 def _saved_targets(model: nn.Module, suffixes: Sequence[str], adapted: list[str]) -> list[str]:

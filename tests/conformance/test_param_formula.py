@@ -7,12 +7,13 @@ shape group) keeps them under ``adapter.shared`` and declares ``shared_params``,
 import dataclasses
 
 import pytest
+import torch
 
 import lorakit as lk
 from lorakit.inject import wrappers
 from lorakit.methods import _layers as L
 from lorakit.testing import tiny_gpt2, tiny_llama
-from tests.helpers import targets_for
+from tests.helpers import targets_for, tokens
 
 
 def shared_count(spec, d_in, d_out, cfg) -> int:
@@ -29,7 +30,9 @@ def test_trainable_params_match_formula(method, make, targets):
         targets = targets_for(method, targets)
     has_r = "r" in {f.name for f in dataclasses.fields(spec.config)}
     pattern = {"down_proj": 2, "c_fc": 2} if has_r else None
-    lk.attach(model, lk.method_config(method), targets=targets, rank_pattern=pattern)
+    ids = tokens(batch=4, length=8, seed=7)  # calibration for inits that read data (ignored by the others)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    lk.attach(model, lk.method_config(method), targets=targets, rank_pattern=pattern, calibration=batches)
     sharing = getattr(spec.adapter, "shared_params", None) is not None
     groups, per_layer = {}, 0
     for _, wrapper in wrappers(model):

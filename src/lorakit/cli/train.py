@@ -30,6 +30,7 @@ RUN_FIELDS = (
     "max_len",
     "packing",
     "chat",
+    "init_batches",
 )
 
 
@@ -122,6 +123,10 @@ def train(
     eval_examples: Annotated[int | None, Opt(help="Held-out examples for evaluation (default 64).")] = None,
     chat: Annotated[bool | None, Opt("--chat/--no-chat", help="Use the chat template (default: if any).")] = None,
     threads: Annotated[int | None, Opt(help="torch CPU threads (default: torch's choice).")] = None,
+    init_batches: Annotated[
+        int | None,
+        Opt(help="Training batches fed to a data-driven init (lora_ga, eva, ...) (default 8 where one needs data)."),
+    ] = None,
 ) -> None:
     """Train an adapter of any registered method on a built-in task or a JSONL file, evaluate it before and after."""
     import torch

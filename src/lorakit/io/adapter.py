@@ -36,13 +36,13 @@ from lorakit.inject import (
 )
 from lorakit.io.atomic import atomic_dir
 from lorakit.methods import _layers as L
-from lorakit.methods._api import REGISTRY, get_spec
+from lorakit.methods._api import REGISTRY, LoraFactors, get_spec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # PEFT inits that rewrite the base weights: such an adapter is relative to a residual base.
-RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # PEFT features lorakit does not load yet: field -> value meaning "unused".
 UNSUPPORTED_FIELDS = {
     "layers_to_transform": None,
@@ -83,9 +83,15 @@ def base_fingerprint(model: nn.Module, modules: list[str], n: int = 4) -> dict[s
 
 
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
-    """Write adapter ``name`` of ``model`` to ``path`` (atomic). Returns the path."""
+    """Write adapter ``name`` of ``model`` to ``path`` (atomic). Returns the path.
+
+    An init that rewrote the base weights (PiSSA, LoRA-GA: W_res = W − shift) is written as a plain
+    LoRA relative to the ORIGINAL base W (see :func:`_save_relative_to_original`).
+    """
     info = adapter_info(model, name)
     spec, cfg = info.spec, info.config
+    if hasattr(spec.adapter, "base_shift"):
+        return _save_relative_to_original(model, path, name)
     tensors: dict[str, torch.Tensor] = {}
     module_cfgs: dict[str, Any] = {}
     for module_name, wrapper in wrappers(model):
@@ -133,6 +139,57 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
     return Path(path)
+
+
+def _save_relative_to_original(model: nn.Module, path: str | Path, name: str) -> Path:
+    """Adapter ``name`` of a base-rewriting init as a plain PEFT LoRA dir for the original base.
+
+    The live model computes (W − S)·x + ΔW·x with S = base_shift() and ΔW = to_lora(); on the original
+    W the same outputs need ΔW − S, written as factors [s·B, −S_B] @ [A; S_A] of rank r + r_shift
+    (2r for PiSSA: PEFT's path_initial_model_for_weight_conversion does the same). The base
+    fingerprint is taken on the original weights W = W_res + S, so the dir loads onto the original
+    base only.
+    """
+    from lorakit.io.factors import AdapterFactors, write_factors  # factors imports this module
+
+    info = adapter_info(model, name)
+    factors: dict[str, LoraFactors] = {}
+    kinds: dict[str, str] = {}
+    fingerprint: dict[str, float] = {}
+    dtype = None
+    for module_name, wrapper in wrappers(model):
+        if name not in wrapper.adapters:
+            continue
+        adapter: Any = wrapper.adapters[name]
+        base = wrapper.base_layer
+        with torch.no_grad():
+            f, shift = adapter.to_lora(base), adapter.base_shift()
+            A = torch.cat([f.A.float(), shift.A.float()])  # (r + r_shift, in)
+            B = torch.cat([f.B.float() * f.scale, -shift.B.float() * shift.scale], dim=1)  # (out, r + r_shift)
+            if len(fingerprint) < 4:
+                original = L.weight_out_in(base).float() + shift.scale * (shift.B.float() @ shift.A.float())
+                fingerprint[module_name] = float(original.norm())
+        factors[module_name] = LoraFactors(A.cpu(), B.cpu(), 1.0)
+        kinds[module_name] = L.layer_kind(base)
+        dtype = f.A.dtype
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for module_name, holder in saved_modules(model):
+        if name in holder.copies:
+            saved[module_name] = {k: t.detach().cpu() for k, t in holder.copies[name].state_dict().items()}
+    provenance = {
+        "method": info.spec.name,
+        "config": dataclasses.asdict(info.config),
+        "note": "plain LoRA relative to the original base: the init's base shift is folded in (rank r + r_shift)",
+    }
+    adapter_factors = AdapterFactors(
+        factors,
+        kinds,
+        saved,
+        getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        _task_type(model),
+        fingerprint,
+    )
+    return write_factors(path, adapter_factors, dtype=dtype, provenance=provenance)
 
 
 def _shared_state(model: nn.Module, name: str) -> dict[str, tuple[Any, torch.Tensor]]:
@@ -288,6 +345,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
             rank_pattern=fields.get("rank_pattern") or None,
             alpha_pattern=fields.get("alpha_pattern") or None,
             modules_to_save=fields.get("modules_to_save") or None,
+            initialize=False,  # the file holds the initialised (and trained) state
         )
     except TargetError as e:
         raise AdapterFormatError(f"{path / CONFIG_NAME}: its target modules do not fit this base: {e}") from e

@@ -4,6 +4,11 @@ A method is one file in ``lorakit/methods/`` that decorates its adapter class wi
 ``@register(...)``. Importing ``lorakit.methods`` imports every such file, so adding a method
 edits no other file. The adapter class satisfies :class:`Adapter`; its frozen, keyword-only
 config dataclass is validated in ``__post_init__``.
+
+An adapter class may also define the optional initialisation hook
+``initialize(cls, model, adapters, cfg, batches) -> None`` (a classmethod): ``attach`` calls it
+once, after every new adapter is in place and active, with ``adapters`` = {logical module name:
+adapter} and ``batches`` = the calibration batches (a list of dicts of tensors) or None.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class MethodSpec:
     family: str  # PAPERS.md family, e.g. "F1" (core LoRA & scaling)
     params: str  # trainable parameters per wrapped layer, in d_in, d_out and config fields
     layers: tuple[str, ...] = ALL_LAYERS  # layer kinds the method wraps (see methods/_layers.py)
+    needs_calibration: bool = False  # its initialisation reads data: attach(..., calibration=batches)
 
     def param_count(self, d_in: int, d_out: int, cfg: Any) -> int:
         """Evaluate :attr:`params` (a fixed arithmetic expression written by the method's author)."""
@@ -102,6 +108,7 @@ def register(
     identity_at_init: bool = True,
     mergeable: bool = True,
     layers: tuple[str, ...] = ALL_LAYERS,
+    calibration: bool = False,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator that adds an adapter class to :data:`REGISTRY` under ``name``.
 
@@ -109,6 +116,8 @@ def register(
     expression in ``d_in``, ``d_out`` and the config's fields, e.g. ``"r*(d_in+d_out)"``; the
     conformance suite checks it against the real count and the README shows it. ``layers``
     lists the layer kinds the method can wrap; targeting another kind is a clear TargetError.
+    ``calibration=True`` marks an initialisation that reads data: ``attach`` then requires
+    ``calibration=batches`` and hands them to the adapter class's ``initialize`` hook.
     """
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
@@ -118,7 +127,7 @@ def register(
             raise TypeError(f"method {name!r}: its config {config.__name__} must be a frozen dataclass")
         cls.method_name = name  # type: ignore[attr-defined]
         REGISTRY[name] = MethodSpec(
-            name, cls, config, paper, url, identity_at_init, mergeable, family, params, tuple(layers)
+            name, cls, config, paper, url, identity_at_init, mergeable, family, params, tuple(layers), calibration
         )
         return cls
 

@@ -25,9 +25,9 @@ from torch import nn
 import lorakit as lk
 from lorakit.errors import ConfigError
 from lorakit.io.atomic import atomic_write_text
-from lorakit.train.data import Record, encode_labelled, encode_rows, label_names, pack, pad_id, read_jsonl
+from lorakit.train.data import Record, collate, encode_labelled, encode_rows, label_names, pack, pad_id, read_jsonl
 from lorakit.train.evaluate import classification_accuracy, exact_match, mean_loss
-from lorakit.train.loop import TrainConfig, TrainResult, train
+from lorakit.train.loop import TrainConfig, TrainResult, batch_indices, train
 from lorakit.train.tasks import Example, task_examples
 
 
@@ -46,10 +46,13 @@ class RunSpec:
     max_len: int = 256
     packing: bool = False
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
+    init_batches: int | None = None  # calibration batches for data-driven inits (None: 8 where a method needs data)
 
     def __post_init__(self) -> None:
         if (self.task is None) == (self.data is None):
             raise ConfigError("give exactly one of --task (a built-in task) or --data (a JSONL file).")
+        if self.init_batches is not None and (not isinstance(self.init_batches, int) or self.init_batches < 1):
+            raise ConfigError(f"--init-batches must be a positive integer, got {self.init_batches!r}.")
 
 
 @dataclass
@@ -63,6 +66,28 @@ class RunReport:
     losses: list[float] = field(default_factory=list)
     samples: list[dict[str, str]] = field(default_factory=list)
     labels: list[Any] = field(default_factory=list)  # classification: class names by id
+
+
+DEFAULT_INIT_BATCHES = 8
+
+
+def calibration_batches(
+    spec: RunSpec, records: list[Record], cfg: TrainConfig, pad: int
+) -> list[dict[str, torch.Tensor]] | None:
+    """The first ``init_batches`` training micro-batches (in the loop's own order), for inits that read data.
+
+    None when the method needs no data and ``--init-batches`` was not given; 8 batches by default otherwise.
+    """
+    n = spec.init_batches
+    if n is None:
+        if not lk.REGISTRY[spec.method].needs_calibration:
+            return None
+        n = DEFAULT_INIT_BATCHES
+    if not records:
+        raise ConfigError("no training records to calibrate the initialisation with.")
+    return [
+        collate([records[i] for i in batch_indices(len(records), cfg.batch_size, k, cfg.seed)], pad) for k in range(n)
+    ]
 
 
 def _split(
@@ -153,7 +178,15 @@ def _run_seqcls(
 
     report = RunReport(spec=asdict(spec), train=asdict(cfg), labels=list(names))
     report.before = evaluate()
-    lk.attach(model, method_cfg, targets=spec.targets, exclude=["classifier"], modules_to_save=["classifier"])
+    calibration = calibration_batches(spec, records, cfg, pad)
+    lk.attach(
+        model,
+        method_cfg,
+        targets=spec.targets,
+        exclude=["classifier"],
+        modules_to_save=["classifier"],
+        calibration=calibration,
+    )
     return _train_and_save(model, records, cfg, out_dir, pad, report, evaluate, resume=resume, progress=progress)
 
 
@@ -202,8 +235,8 @@ def run_training(
     records, held_records, held = _data(spec, tok, chat, cfg.seed)
     report = RunReport(spec=asdict(spec), train=asdict(cfg))
     report.before = _evaluate(model, tok, held_records, held, chat)
-    lk.attach(model, method_cfg, targets=spec.targets)
     pad = pad_id(tok)
+    lk.attach(model, method_cfg, targets=spec.targets, calibration=calibration_batches(spec, records, cfg, pad))
     _train_and_save(
         model,
         records,
