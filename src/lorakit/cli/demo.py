@@ -3,7 +3,8 @@
 load base -> held-out accuracy on a built-in task -> attach LoRA -> train (lorakit's loop) ->
 held-out accuracy again -> save -> reload onto a fresh base (logits must match) -> merge
 (logits must match) -> fully fine-tune the top blocks and extract a LoRA from them -> merge the two
-adapters -> analyse the trained one -> plot -> summary.
+adapters -> analyse the trained one -> serve all of them plus 100 synthetic ones from one engine ->
+plot -> summary.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.text import Text
 from torch import nn
 
 from lorakit.cli._common import err, friendly_errors, human_bytes, out
+from lorakit.cli.demo_serve import BATCH, SYNTHETIC, serve_step
 from lorakit.cli.demo_steps import EXTRACT_ENERGY, FT_LAYERS, compose_step, extract_step
 from lorakit.inject import AdaptedLayer, wrappers
 from lorakit.train.tasks import TASKS
@@ -176,6 +178,13 @@ def run_demo(
     out.rule("7. merge the trained and the extracted adapters; analyse the trained one")
     s.update(compose_step(base, adapter_dir, Path(s["extract_dir"]), out_dir))
 
+    out.rule(f"8. serve the adapters (+{SYNTHETIC} synthetic) from one engine, one mixed batch")
+    from lorakit.train.evaluate import _prompt_ids
+
+    served = {TASK: adapter_dir, "extracted": Path(s["extract_dir"]), "merged": Path(s["merged_dir"])}
+    expected = [row["prediction"] for row in s["samples_after"]]
+    s.update(serve_step(base, served, held, lambda p: _prompt_ids(tok, p, chat), expected))
+
     plot = out_dir / "plots" / "training.png"
     _plot(result.losses, _delta_norms(model), plot)
     s["plot"] = str(plot)
@@ -184,6 +193,7 @@ def run_demo(
         and s["merge_max_abs_diff"] <= MERGE_TOL
         and s["merged_is_plain"]
         and s["extract_logits_rel"] < s["ft_effect_rel"]
+        and s["serve_matches_trained"]
     )
     (out_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     return s
@@ -227,6 +237,16 @@ def _summary_table(s: dict[str, Any]) -> Table:
         "analysis of the trained adapter",
         f"mean effective rank {s['effective_rank_mean']:.2f} of 8, intruder dimensions {s['intruders']}, "
         f"{s['analyze_s']:.0f} s",
+    )
+    t.add_row(
+        "serving (one engine)",
+        f"{s['serve_adapters']} adapters registered; a batch of {BATCH} requests over {s['serve_batch_adapters']} "
+        f"adapters; trained adapter's answers = the trained model's: {s['serve_matches_trained']}",
+    )
+    t.add_row(
+        f"serving throughput ({BATCH} requests)",
+        f"one adapter {s['serve_single_tps']:.1f} tokens/s; {BATCH} distinct {s['serve_distinct_tps']:.1f} tokens/s "
+        f"({s['serve_distinct_tps'] / s['serve_single_tps']:.2f}x); slot loads {s['serve_slot_loads']}",
     )
     t.add_row("plot", Text(s["plot"]))
     t.add_row("analysis plots", Text(s["analysis_dir"]))

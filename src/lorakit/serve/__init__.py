@@ -1,0 +1,1 @@
+"""Serving: the batched multi-adapter engine, slot cache, compressed collections and HTTP server."""

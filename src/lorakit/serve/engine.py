@@ -1,0 +1,424 @@
+"""The serving engine: one base model, thousands of registered adapters, continuously batched requests.
+
+    engine = Engine("smollm2-135m", max_slots=32)
+    engine.add_adapter("add", "adapters/add")
+    outs = engine.generate(["12+34=", "Hi"], adapters=["add", None], max_new_tokens=8)
+
+Each step admits waiting requests (prefilled together, left-padded, rows sorted by adapter slot),
+then decodes one token for every running request; requests join and leave between steps, and the
+batch's KV cache is re-packed around them (``serve/kv.py``). Every token's adapter is applied by
+forward hooks with the batched ops (``serve/plan.py``), so one forward serves many adapters.
+
+transformers' own continuous batching (``generate_batch``, paged cache) was evaluated as the
+scheduler: it packs every request into one flat row per step and gives a model no per-token
+request identity to route adapters by, so the engine keeps its own small scheduler.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError
+from lorakit.inject import find_targets
+from lorakit.serve import kv
+from lorakit.serve.cache import AdapterCache, check_name
+from lorakit.serve.loading import load_collection, load_factors
+from lorakit.serve.plan import CompressedSet, ForwardPlan, Router
+from lorakit.serve.requests import Completion, Request, sample, update_text
+from lorakit.serve.slots import SlotBank
+
+
+class Engine:
+    """Serve ``base`` (a model or a bundled name) with per-request adapters.
+
+    ``max_slots`` adapters can be in one batch at once (more are registered and wait in RAM);
+    ``max_batch`` requests run together; ``state_dir`` persists the adapter registry.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module | str = "smollm2-135m",
+        tokenizer: Any = None,
+        *,
+        max_slots: int = 32,
+        max_batch: int = 64,
+        state_dir: str | Path | None = None,
+    ):
+        if isinstance(base, str):
+            from lorakit.models import load_base
+
+            self.base_name = base
+            base, tokenizer = load_base(base)
+        else:
+            self.base_name = getattr(getattr(base, "config", None), "_name_or_path", "") or "base"
+        self.model, self.tokenizer = base.eval(), tokenizer
+        self.modules = find_targets(self.model, "all-linear")
+        dtype = next(self.model.parameters()).dtype
+        dims = {m: (int(w.shape[1]), int(w.shape[0])) for m in self.modules if (w := self._weight(m)) is not None}
+        self.bank = SlotBank(dims, max_slots, dtype=dtype)
+        self.cache = AdapterCache(self.bank, self._load_factors, state_dir)
+        self.router = Router()
+        self.router.install(self.model, list(dims))
+        self.max_batch = max_batch
+        self.eos = self._eos_ids()
+        self.lock = threading.RLock()  # the model: one forward (or adapter conversion) at a time
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.wake = threading.Condition()
+        self.running: list[Request] = []
+        self.kv: Any = None
+        self.tokens_generated = 0
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.collections: list[CompressedSet] = []
+        self.compressed: dict[str, tuple[int, int]] = {}  # name -> (collection, core)
+        self.cache.restore()
+
+    def _eos_ids(self) -> set[int]:
+        eos: Any = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    def _weight(self, module: str) -> torch.Tensor | None:
+        w = getattr(self.model.get_submodule(module), "weight", None)
+        if w is None or w.ndim != 2:
+            return None
+        # Conv1D (GPT-2) stores (in, out); the bank is (out, in)
+        return w.T if type(self.model.get_submodule(module)).__name__ == "Conv1D" else w
+
+    def _load_factors(self, path: Path) -> Any:
+        return load_factors(self.model, path, {m: self._weight(m) for m in self.bank.dims}, self.lock)
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Register the adapter dir at ``path`` (any method with ``to_lora``) under ``name``."""
+        check_name(name)
+        if name in self.compressed:
+            raise ConfigError(f"{name!r} already names an adapter of a compressed collection; pick another name.")
+        self.cache.register(name, path)
+
+    def add_factors(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Register an adapter given as factors {module: (A (r, in), scale·B (out, r))}, e.g. a generated one."""
+        check_name(name)
+        for module, (A, B) in factors.items():
+            w = self._weight(module) if module in self.bank.dims else None
+            if w is None or A.ndim != 2 or B.shape != (w.shape[0], A.shape[0]) or A.shape[1] != w.shape[1]:
+                raise ConfigError(f"adapter {name!r}: factors for {module!r} do not fit a served linear layer.")
+        self.cache.register(name, f"<factors:{name}>", persist=False, factors=factors)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister ``name``; requests already running with it finish first, new ones are refused."""
+        try:
+            self.cache.unregister(name)
+        except KeyError:
+            raise ConfigError(f"no adapter named {name!r} is registered.") from None
+
+    def add_collection(self, path: str | Path) -> list[str]:
+        """Serve every adapter of a compressed collection (``lorakit compress``); returns their names."""
+        coll = load_collection(path, {m: self._weight(m) for m in self.bank.dims})
+        clash = sorted(set(coll.names) & (set(self.cache.names()) | set(self.compressed)))
+        if clash:
+            raise ConfigError(f"{path}: adapter name {clash[0]!r} is already registered; remove it first.")
+        with self.lock:
+            self.collections.append(coll)
+            for i, n in enumerate(coll.names):
+                self.compressed[n] = (len(self.collections) - 1, i)
+        return list(coll.names)
+
+    def adapters(self) -> list[str]:
+        """Every adapter name a request can use (registered and compressed)."""
+        return sorted([*self.cache.names(), *self.compressed])
+
+    def _check_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.cache and name not in self.compressed:
+            raise ConfigError(f"unknown adapter {name!r}; registered: {', '.join(self.adapters()[:20]) or 'none'}.")
+
+    def _bind(self, reqs: list[Request]) -> None:
+        """Give each request its slot (or compressed core); a failure releases what was taken."""
+        done: list[Request] = []
+        try:
+            for r in reqs:
+                self._check_adapter(r.adapter)
+                if r.adapter in self.compressed:
+                    r.core = self.compressed[r.adapter]
+                elif r.adapter is not None:
+                    r.slot = self.cache.acquire(r.adapter)
+                done.append(r)
+        except BaseException:
+            for r in done:
+                self._unbind(r)
+            raise
+
+    def _unbind(self, r: Request) -> None:
+        if r.slot >= 0 and r.adapter is not None:
+            self.cache.release(r.adapter)
+        r.slot, r.core = -1, None
+
+    # ---- one forward pass ---------------------------------------------------------------------
+
+    def _plan(self, reqs: list[Request], tokens_per_row: int) -> ForwardPlan:
+        slots = torch.tensor([r.slot for r in reqs], dtype=torch.long).repeat_interleave(tokens_per_row)
+        cores = []
+        for ci, coll in enumerate(self.collections):
+            idx = [r.core[1] if r.core is not None and r.core[0] == ci else -1 for r in reqs]
+            cores.append((coll, torch.tensor(idx, dtype=torch.long).repeat_interleave(tokens_per_row)))
+        return ForwardPlan(self.bank, slots, cores)
+
+    def _run(self, plan: ForwardPlan, **inputs: Any) -> Any:
+        with self.lock, torch.inference_mode():
+            self.router.plan = plan
+            try:
+                return self.model(**inputs)
+            finally:
+                self.router.plan = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | list[list[int]],
+        adapters: list[str | None],
+        *,
+        keep: int = 0,
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) of one forward pass; row b uses ``adapters[b]`` (None: the base).
+
+        ``keep`` > 0 returns only the last ``keep`` positions' logits (the head is the costliest layer).
+        Rows are grouped by adapter for the pass and returned in the input's order. ``model_kwargs``
+        go to the model (e.g. a KV cache with ``past_key_values``); with them the rows keep their order.
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.ndim != 2 or len(adapters) != ids.shape[0]:
+            raise ConfigError(
+                f"input_ids must be (batch, seq) with one adapter per row; got {tuple(ids.shape)} and "
+                f"{len(adapters)} adapters."
+            )
+        reqs = [Request(ids[b].tolist(), a, max_new_tokens=1) for b, a in enumerate(adapters)]
+        self._bind(reqs)
+        try:
+            order = list(range(len(reqs)))
+            if not model_kwargs:
+                order.sort(key=lambda b: reqs[b].sort_key)
+            plan = self._plan([reqs[b] for b in order], ids.shape[1])
+            kwargs = {"use_cache": False, **model_kwargs}
+            logits = self._run(plan, input_ids=ids[order], logits_to_keep=keep, **kwargs).logits
+            return logits[torch.argsort(torch.tensor(order))]
+        finally:
+            for r in reqs:
+                self._unbind(r)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> Request:
+        """Queue ``req`` (checked now: an unknown adapter is a ConfigError); the loop runs it."""
+        self._check_adapter(req.adapter)
+        with self.wake:
+            self.waiting.append(req)
+            self.wake.notify()
+        return req
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        adapters: list[str | None] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        *,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """Continue every prompt with its adapter (None: base); returns one Completion per prompt."""
+        adapters = adapters if adapters is not None else [None] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ConfigError(f"{len(prompts)} prompts but {len(adapters)} adapters; give one adapter per prompt.")
+        reqs = [
+            Request(
+                self.encode(p),
+                a,
+                max_new_tokens,
+                temperature,
+                top_p,
+                tuple(stop or ()),
+                None if seed is None else seed + i,
+            )
+            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+        ]
+        for r in reqs:
+            self.submit(r)
+        if self._thread is None:
+            while not all(r.done.is_set() for r in reqs):
+                self.step()
+        for r in reqs:
+            r.done.wait()
+        return [Completion(r.text, r.out_ids, r.finish_reason, r.adapter, len(r.prompt_ids), r.error) for r in reqs]
+
+    def encode(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this engine has no tokenizer; pass prompts as lists of token ids.")
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    # ---- the scheduler ---------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit and prefill waiting requests, then decode one token for every running request."""
+        new: list[Request] = []
+        try:
+            self._admit(new)
+            if new:
+                self._prefill(new)
+            if self.running:
+                self._decode()
+        except Exception as e:  # noqa: BLE001 - a failing step fails its requests, never the server
+            message = f"{type(e).__name__}: {e}"
+            for r in {id(r): r for r in [*self.running, *new]}.values():
+                if not r.done.is_set():
+                    self._finish(r, "error", message)
+            self.running, self.kv = [], None
+
+    def _admit(self, new: list[Request]) -> None:
+        """Move waiting requests into ``new`` (bound to slots) while the batch and the slots allow."""
+        with self.wake:
+            while self.waiting and len(self.running) + len(new) < self.max_batch:
+                req = self.waiting[0]
+                if req.cancelled:
+                    self.waiting.popleft()
+                    self._finish(req, "cancelled", None, bound=False)
+                    continue
+                names = {r.adapter for r in [*self.running, *new, req] if r.adapter in self.cache}
+                if not self.cache.can_acquire(names):  # type: ignore[arg-type]
+                    break
+                self.waiting.popleft()
+                try:
+                    self._bind([req])
+                except Exception as e:  # noqa: BLE001 - e.g. removed while it waited: this request fails alone
+                    self._finish(req, "error", str(e), bound=False)
+                    continue
+                new.append(req)
+
+    def cancel(self, req: Request) -> None:
+        """Stop ``req`` early (e.g. its client went away): it finishes with reason "cancelled" at the next step."""
+        req.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    def _prefill(self, new: list[Request]) -> None:
+        new.sort(key=lambda r: r.sort_key)
+        T = max(len(r.prompt_ids) for r in new)
+        ids = torch.zeros(len(new), T, dtype=torch.long)
+        mask = torch.zeros(len(new), T, dtype=torch.long)
+        for i, r in enumerate(new):
+            n = len(r.prompt_ids)
+            ids[i, T - n :], mask[i, T - n :] = torch.tensor(r.prompt_ids), 1
+            r.pad = T - n
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        plan = self._plan(new, T)
+        out = self._run(plan, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self._join(new, out.past_key_values, T)
+        self._emit(new, out.logits[:, -1])
+
+    def _join(self, new: list[Request], cache: Any, T: int) -> None:
+        if self.kv is None:
+            self.running, self.kv = new, cache
+            return
+        L = self.kv.get_seq_length()
+        for r in self.running:
+            r.pad += max(T - L, 0)
+        for r in new:
+            r.pad += max(L - T, 0)
+        rows = [*self.running, *new]
+        order = sorted(range(len(rows)), key=lambda i: rows[i].sort_key)
+        self.kv = kv.select(kv.join(self.kv, cache), torch.tensor(order))
+        self.running = [rows[i] for i in order]
+
+    def _decode(self) -> None:
+        reqs = self.running
+        L = self.kv.get_seq_length()
+        ids = torch.tensor([[r.out_ids[-1]] for r in reqs])
+        mask = torch.ones(len(reqs), L + 1, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            mask[i, : r.pad] = 0
+        pos = torch.tensor([[L - r.pad] for r in reqs])
+        out = self._run(
+            self._plan(reqs, 1),
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=self.kv,
+            use_cache=True,
+        )
+        self.kv = out.past_key_values
+        self._emit(reqs, out.logits[:, -1])
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample each request's next token; finished ones leave the batch (and the cache)."""
+        for i, r in enumerate(reqs):
+            r.out_ids.append(sample(logits[i], r))
+            self.tokens_generated += 1
+            update_text(r, self.tokenizer, self.eos)
+            if r.cancelled and r.finish_reason is None:
+                r.finish_reason = "cancelled"
+        done = [r for r in self.running if r.finish_reason is not None]
+        if not done:
+            return
+        keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
+        for r in done:
+            self._finish(r, r.finish_reason or "stop", None)
+        if not keep:
+            self.running, self.kv = [], None
+            return
+        trim = min(self.running[i].pad for i in keep)
+        self.kv = kv.select(self.kv, torch.tensor(keep), trim)
+        self.running = [self.running[i] for i in keep]
+        for r in self.running:
+            r.pad -= trim
+
+    def _finish(self, r: Request, reason: str, error: str | None, *, bound: bool = True) -> None:
+        r.finish_reason, r.error = reason, error
+        if bound:
+            self._unbind(r)
+        if r.on_text is not None and error is None and len(r.text) > r.emitted:
+            piece, r.emitted = r.text[r.emitted :], len(r.text)
+            r.on_text(r, piece)
+        r.done.set()
+
+    # ---- the background loop (the server runs one) ----------------------------------------------
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread until :meth:`stop`."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            with self.wake:
+                self._stop = True
+                self.wake.notify()
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self._stop and not self.waiting and not self.running:
+                    self.wake.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        return check_name(name)

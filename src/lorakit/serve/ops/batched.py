@@ -1,0 +1,121 @@
+"""Fast batched adapter ops: add every token's own adapter delta to a layer's output, in place.
+
+Same results as ``reference.py`` (tested against it), plain torch, on any device. Planned once per
+forward by :class:`SlotBatch`, every adapted token takes one of two paths:
+
+- segments (a run of L tokens of one slot at rank r with L·r > ``GATHER_MAX``):
+  ``y[a:b] += (x[a:b] @ A[s,:r]ᵀ) @ B[s,:,:r]ᵀ`` — two GEMMs at the slot's own rank, no padding and
+  no weight copies; tokens not grouped by slot are gathered once (``perm``) and their deltas
+  scattered back with one ``index_add_``.
+- gather-BMM (the other runs, per rank bucket): each token's A and B rows are gathered and applied by
+  two ``torch.bmm`` — no Python loop over slots, which wins when runs are one token long (decode).
+
+Compute happens in the buffers' dtype (x is cast to it); the result is added in y's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.serve.ops.batch import SlotBatch
+
+
+def add_lora_delta_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: SlotBatch) -> None:
+    """y (N, d_out) += per-token LoRA delta of x (N, d_in) from slots A (S, r_max, d_in), B (S, d_out, r_max).
+
+    Semantics: ``reference.lora_delta_ref(x, slots, A, B, ranks)`` added to y.
+    """
+    _check_lora(y, x, A, B, batch)
+    if batch.empty:
+        return
+    xs = x if x.dtype == A.dtype else x.to(A.dtype)
+    for r, tokens, slots in batch.buckets:
+        tokens, slots = _on(tokens, y.device), _on(slots, y.device)
+        # row vectors times gathered, transposed factors: on CPU 2-4x faster than (M, r, in) @ (M, in, 1)
+        xg = xs.index_select(0, tokens).unsqueeze(1)  # (M, 1, in)
+        h = torch.bmm(xg, A[:, :r].index_select(0, slots).transpose(1, 2))  # (M, 1, r)
+        d = torch.bmm(h, B[:, :, :r].index_select(0, slots).transpose(1, 2)).squeeze(1)  # (M, out)
+        y.index_add_(0, tokens, d.to(y.dtype))
+    if not batch.segments:
+        return
+    if batch.perm is None:  # grouped: write straight into y's rows
+        for s, a, b, r in batch.segments:
+            if y.dtype == A.dtype:
+                y[a:b].addmm_(xs[a:b] @ A[s, :r].T, B[s, :, :r].T)  # (L, out) += (L, r)(r, out)
+            else:
+                y[a:b] += ((xs[a:b] @ A[s, :r].T) @ B[s, :, :r].T).to(y.dtype)  # (L, out)
+        return
+    perm = _on(batch.perm, y.device)
+    xp = xs.index_select(0, perm)  # (M_seg, in) grouped by slot
+    d = torch.empty(xp.shape[0], B.shape[1], dtype=A.dtype, device=y.device)  # (M_seg, out) rows all written
+    for s, a, b, r in batch.segments:
+        torch.mm(xp[a:b] @ A[s, :r].T, B[s, :, :r].T, out=d[a:b])  # (L, out) = (L, r)(r, out)
+    y.index_add_(0, perm, d.to(y.dtype))
+
+
+def add_compressed_delta_(
+    y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor, batch: SlotBatch
+) -> None:
+    """y (N, d_out) += per-token delta of a compressed collection: U (d_out, R), V (d_in, R), cores (C, R, R).
+
+    Semantics: ``reference.compressed_delta_ref(x, cidx, U, V, cores)`` added to y, with ``batch`` built by
+    ``SlotBatch.for_cores(cidx, C, R)``. x·V runs once for the batch, then each token's R×R core, then ·Uᵀ.
+    """
+    _check_compressed(y, x, U, V, cores, batch)
+    if batch.empty:
+        return
+    h = (x if x.dtype == U.dtype else x.to(U.dtype)) @ V  # (N, R), once for the whole batch
+    g = torch.zeros_like(h)  # (N, R) each token's core applied; rows of base-only tokens stay 0
+    for _, tokens, idx in batch.buckets:
+        tokens, idx = _on(tokens, y.device), _on(idx, y.device)
+        gh = torch.bmm(h.index_select(0, tokens).unsqueeze(1), cores.index_select(0, idx).transpose(1, 2))
+        g.index_copy_(0, tokens, gh.squeeze(1))  # (M, R)
+    if batch.perm is None:
+        for c, a, b, _ in batch.segments:
+            torch.mm(h[a:b], cores[c].T, out=g[a:b])  # (L, R)
+    elif batch.segments:
+        perm = _on(batch.perm, y.device)
+        hp = h.index_select(0, perm)  # (M_seg, R) grouped by core
+        for c, a, b, _ in batch.segments:
+            hp[a:b] = hp[a:b] @ cores[c].T  # (L, R)
+        g.index_copy_(0, perm, hp)
+    if y.dtype == U.dtype:
+        y.addmm_(g, U.T)  # (N, out) += (N, R)(R, out)
+    else:
+        y.add_((g @ U.T).to(y.dtype))
+
+
+def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The plan's index tensor on the activations' device (a no-op when SlotBatch.build was given that device)."""
+    return index if index.device == device else index.to(device)
+
+
+def _check_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: SlotBatch) -> None:
+    n, S = batch.n, batch.num_slots
+    if x.dim() != 2 or x.shape[0] != n:
+        raise ValueError(f"x must be (N, d_in) with N = {n} tokens (the SlotBatch's); got {tuple(x.shape)}.")
+    if A.dim() != 3 or A.shape[0] != S or A.shape[2] != x.shape[1]:
+        raise ValueError(f"A must be (S={S}, r_max, d_in={x.shape[1]}) to match x and the batch; got {tuple(A.shape)}.")
+    if A.shape[1] < batch.max_rank:
+        raise ValueError(f"A has r_max = {A.shape[1]} but the SlotBatch's ranks go up to {batch.max_rank}.")
+    if B.dim() != 3 or B.shape[0] != S or B.shape[2] != A.shape[1]:
+        raise ValueError(f"B must be (S={S}, d_out, r_max={A.shape[1]}) to match A; got {tuple(B.shape)}.")
+    if y.shape != (n, B.shape[1]):
+        raise ValueError(f"y must be (N={n}, d_out={B.shape[1]}) to match x and B; got {tuple(y.shape)}.")
+
+
+def _check_compressed(
+    y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor, batch: SlotBatch
+) -> None:
+    n, C = batch.n, batch.num_slots
+    if x.dim() != 2 or x.shape[0] != n:
+        raise ValueError(f"x must be (N, d_in) with N = {n} tokens (the SlotBatch's); got {tuple(x.shape)}.")
+    if V.dim() != 2 or V.shape[0] != x.shape[1]:
+        raise ValueError(f"V must be (d_in={x.shape[1]}, R) to match x; got {tuple(V.shape)}.")
+    R = V.shape[1]
+    if U.dim() != 2 or U.shape[1] != R:
+        raise ValueError(f"U must be (d_out, R={R}) to match V; got {tuple(U.shape)}.")
+    if cores.shape != (C, R, R):
+        raise ValueError(f"cores must be (C={C}, R={R}, R={R}) to match V and the SlotBatch; got {tuple(cores.shape)}.")
+    if y.shape != (n, U.shape[0]):
+        raise ValueError(f"y must be (N={n}, d_out={U.shape[0]}) to match x and U; got {tuple(y.shape)}.")

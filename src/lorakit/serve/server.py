@@ -1,0 +1,459 @@
+"""OpenAI-compatible HTTP serving of one base and many adapters: ``create_app(engine)``, then ``run(app)``.
+
+    engine = Engine("smollm2-135m", max_slots=32, state_dir="adapters/.lorakit-serve")
+    register_adapter_dir(engine, "adapters")
+    run(create_app(engine, adapters_dir="adapters", api_key="KEY"))
+
+Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the ``model`` field names
+the adapter; "base", the base's own name or no model: the base), both streaming as server-sent
+events in OpenAI's chunk format ending with ``data: [DONE]``; ``GET /v1/models``; ``POST
+/v1/adapters`` ``{"name", "path"}``; ``DELETE /v1/adapters/{name}``; ``GET /health``; ``GET
+/metrics`` (Prometheus text, ``serve/metrics.py``). Errors have OpenAI's shape (``serve/wire.py``):
+400 bad JSON or a bad field (named in ``param``), 401 a missing or wrong API key, 403 an adapter
+path outside the adapters dir, 404 an unknown model or adapter, 409 a name already taken, 429 the
+queue is full, 500 a failed generation (with the engine's message). A bad request never stops
+the server.
+
+The engine decodes in its own thread (the app's lifespan starts and stops it). Each request gives
+the engine callbacks that put every final piece of text, then ``None`` for "done", on an asyncio
+queue through ``loop.call_soon_threadsafe``; handlers await that queue, so the event loop never
+blocks on generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lorakit.errors import ConfigError, LorakitError
+from lorakit.io.adapter import CONFIG_NAME
+from lorakit.serve.cache import check_name
+from lorakit.serve.engine import Engine
+from lorakit.serve.metrics import ServerMetrics
+from lorakit.serve.requests import Request
+from lorakit.serve.wire import ApiError, Job, json_body, messages, refuse_unsupported, sampling, sse
+
+BASE_ALIASES = ("", "base")
+LIST_HINT = "GET /v1/models lists the served models; POST /v1/adapters registers one."
+DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's
+DEFAULT_CHAT_MAX_TOKENS = 512  # /v1/chat/completions: at most this, and what the context leaves
+
+
+class _DoneEvent(threading.Event):
+    """A request's ``done`` event that also tells the server's event loop when the engine sets it."""
+
+    def __init__(self, notify: Callable[[str | None], None]):
+        super().__init__()
+        self._notify = notify
+
+    def set(self) -> None:
+        super().set()
+        self._notify(None)
+
+
+class _Server:
+    """What the routes share: the engine, the settings and the metrics."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        api_key: str | None,
+        max_queue: int,
+        max_prompt_tokens: int | None,
+        base_name: str,
+        adapters_dir: Path | None,
+        allow_any_path: bool,
+    ):
+        self.engine, self.api_key, self.max_queue = engine, api_key, max_queue
+        self.max_prompt_tokens, self.base_name = max_prompt_tokens, base_name
+        self.adapters_dir, self.allow_any_path = adapters_dir, allow_any_path
+        config = getattr(engine.model, "config", None)
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.vocab: int = getattr(config, "vocab_size", None) or 2**63
+        self.metrics = ServerMetrics(engine)
+        self.adapter_lock = asyncio.Lock()
+        self.created = int(time.time())
+
+    def auth(self, request: HttpRequest) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            msg = "missing or wrong API key: send `Authorization: Bearer <key>` with the server's --api-key."
+            raise ApiError(401, msg, code="invalid_api_key")
+
+    def served(self, name: str) -> bool:
+        return name in self.engine.cache or name in self.engine.compressed
+
+    def unknown_model(self, model: str) -> ApiError:
+        msg = (
+            f"the model {model!r} does not exist: it is neither the base ({self.base_name!r}) nor a registered "
+            f"adapter. {LIST_HINT}"
+        )
+        return ApiError(404, msg, param="model", code="model_not_found")
+
+    def adapter_of(self, model: Any) -> str | None:
+        if model is None or model in BASE_ALIASES or model == self.base_name:
+            return None
+        if not isinstance(model, str):
+            raise ApiError(400, f"model must be a string (an adapter name or 'base'), got {model!r}.", param="model")
+        if not self.served(model):
+            raise self.unknown_model(model)
+        return model
+
+    # ---- prompts ----
+
+    def completion_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            try:
+                return self.engine.encode(prompt)
+            except ConfigError as e:
+                raise ApiError(400, str(e), param="prompt") from None
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.vocab]
+            if bad:
+                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab}).", "prompt")
+            return list(prompt)
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            msg = f"a list of {len(prompt)} prompts is not supported; send one request per prompt."
+            raise ApiError(400, msg, param="prompt")
+        raise ApiError(400, "prompt is required: a non-empty string or a list of token ids.", param="prompt")
+
+    def chat_prompt(self, turns: Any) -> list[int]:
+        turns = messages(turns)
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            msg = "this model's tokenizer has no chat template; use /v1/completions with a prompt."
+            raise ApiError(400, msg, param="messages")
+        try:
+            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template that cannot render these turns (jinja raises its own)
+            raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def check_length(self, n: int, max_tokens: int, param: str) -> None:
+        if n == 0:
+            raise ApiError(400, "the prompt is empty; send at least one token.", param=param)
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            msg = (
+                f"the prompt has {n} tokens; this server takes at most {self.max_prompt_tokens} (--max-prompt-tokens)."
+            )
+            raise ApiError(400, msg, param=param, code="context_length_exceeded")
+        if self.max_positions is not None and n + max_tokens > self.max_positions:
+            msg = (
+                f"the prompt has {n} tokens and max_tokens is {max_tokens}, but the model reads at most "
+                f"{self.max_positions} positions; shorten the prompt or lower max_tokens."
+            )
+            where = param if n >= self.max_positions else "max_tokens"
+            raise ApiError(400, msg, param=where, code="context_length_exceeded")
+
+    # ---- generation ----
+
+    def submit(self, body: dict[str, Any], *, chat: bool) -> Job:
+        """Check ``body`` and queue its request on the engine (429 when ``max_queue`` requests wait)."""
+        refuse_unsupported(body)
+        model = body.get("model")
+        adapter = self.adapter_of(model)
+        ids = self.chat_prompt(body.get("messages")) if chat else self.completion_prompt(body.get("prompt"))
+        room = (self.max_positions or 2**31) - len(ids)
+        default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, room)) if chat else DEFAULT_MAX_TOKENS
+        opts = sampling(body, chat=chat, default_max_tokens=default)
+        self.check_length(len(ids), opts.max_tokens, "messages" if chat else "prompt")
+        waiting = self.engine.queue_depth()
+        if waiting >= self.max_queue:
+            msg = f"the server is busy: {waiting} requests are waiting (--max-queue {self.max_queue}); retry later."
+            raise ApiError(429, msg, code="queue_full")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def notify(item: str | None) -> None:  # runs on the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is shutting down
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        on_text = (lambda _req, piece: notify(piece)) if opts.stream else None
+        req = Request(
+            ids,
+            adapter,
+            opts.max_tokens,
+            opts.temperature,
+            opts.top_p,
+            opts.stop,
+            opts.seed,
+            on_text=on_text,
+            done=_DoneEvent(notify),
+        )
+        try:
+            self.engine.submit(req)
+        except ConfigError:  # removed since it was checked
+            raise self.unknown_model(str(model)) from None
+        return Job(model or self.base_name, opts, req, queue, chat)
+
+    def failure(self, job: Job) -> ApiError | None:
+        req = job.req
+        if req.finish_reason != "error":
+            return None
+        if req.adapter is not None and not self.served(req.adapter):
+            msg = f"the adapter {req.adapter!r} was removed before the request ran. {LIST_HINT}"
+            return ApiError(404, msg, param="model", code="model_not_found")
+        return ApiError(500, f"generation failed: {req.error}")
+
+    async def events(self, job: Job) -> AsyncIterator[str]:
+        """The SSE stream of ``job``: its text pieces as the engine finalises them, then the end."""
+        status = 499  # until the stream ends: the client went away
+        try:
+            if job.chat:
+                yield sse(job.chunk(None, role=True))
+            while (piece := await job.queue.get()) is not None:
+                yield sse(job.chunk(piece))
+            error = self.failure(job)
+            status = 200 if error is None else error.status
+            if error is not None:
+                yield sse(error.body())
+            else:
+                yield sse(job.chunk(None, job.req.finish_reason))
+                if job.options.include_usage:
+                    yield sse(job.usage_chunk())
+            yield "data: [DONE]\n\n"
+        finally:
+            if status == 499:  # the client went away: stop generating for it
+                self.engine.cancel(job.req)
+            self.metrics.observe(job.req.adapter or "base", status, time.monotonic() - job.start)
+
+    def label(self, body: dict[str, Any]) -> str:
+        """The metrics label of a request's model: an adapter name, "base", or "unknown"."""
+        model = body.get("model")
+        if model is None or model in BASE_ALIASES or model == self.base_name:
+            return "base"
+        return model if isinstance(model, str) and self.served(model) else "unknown"
+
+    async def generate(self, request: HttpRequest, *, chat: bool) -> Response:
+        start, label = time.monotonic(), "invalid"
+        try:
+            body = await json_body(request)
+            label = self.label(body)
+            job = self.submit(body, chat=chat)
+        except ApiError as e:
+            self.metrics.observe(label, e.status, time.monotonic() - start)
+            return e.response()
+        except Exception:
+            self.metrics.observe(label, 500, time.monotonic() - start)
+            raise  # answered by the app's 500 handler
+        if job.options.stream:
+            return StreamingResponse(self.events(job), media_type="text/event-stream")
+        try:
+            while await job.queue.get() is not None:
+                pass
+        except asyncio.CancelledError:  # the client went away
+            self.engine.cancel(job.req)
+            raise
+        error = self.failure(job)
+        self.metrics.observe(label, 200 if error is None else error.status, time.monotonic() - start)
+        return error.response() if error is not None else JSONResponse(job.result())
+
+    # ---- adapters ----
+
+    def adapter_path(self, raw: Any) -> Path:
+        """The adapter dir ``raw`` names (relative to the adapters dir), refused if it leads outside that dir."""
+        if not isinstance(raw, str) or not raw:
+            raise ApiError(400, "path must be the adapter dir's path (relative to the adapters dir).", param="path")
+        path = Path(raw).expanduser()
+        if self.adapters_dir is not None and not path.is_absolute():
+            path = self.adapters_dir / path
+        path = path.resolve()  # follows symlinks: a link out of the adapters dir is outside too
+        if not self.allow_any_path and (self.adapters_dir is None or not path.is_relative_to(self.adapters_dir)):
+            where = f"inside the adapters dir {self.adapters_dir}" if self.adapters_dir else "in an adapters dir"
+            msg = f"path {raw!r} is not {where}; put the adapter there, or start the server with --allow-any-path."
+            raise ApiError(403, msg, param="path", code="path_not_allowed")
+        if not (path / CONFIG_NAME).is_file():
+            raise ApiError(400, f"no adapter at {raw!r}: the dir has no {CONFIG_NAME}.", param="path")
+        return path
+
+    async def add_adapter(self, request: HttpRequest) -> dict[str, Any]:
+        body = await json_body(request)
+        try:
+            name = check_name(body.get("name"))  # type: ignore[arg-type]  # checked there
+        except ConfigError as e:
+            raise ApiError(400, str(e), param="name") from None
+        if name in BASE_ALIASES or name == self.base_name:
+            raise ApiError(409, f"{name!r} names the base model; pick another adapter name.", "name", "name_taken")
+        path = self.adapter_path(body.get("path"))
+        async with self.adapter_lock:
+            if self.served(name):
+                msg = f"an adapter named {name!r} is already registered; DELETE /v1/adapters/{name} first."
+                raise ApiError(409, msg, param="name", code="adapter_exists")
+            try:
+                await asyncio.to_thread(self.engine.add_adapter, name, path)
+            except (LorakitError, OSError) as e:
+                raise ApiError(400, f"cannot load the adapter at {body['path']!r}: {e}", param="path") from None
+        return {**self.model_card(name), "path": str(path)}
+
+    async def remove_adapter(self, name: str) -> dict[str, Any]:
+        async with self.adapter_lock:
+            if name in self.engine.compressed:
+                msg = f"{name!r} belongs to a compressed collection, which is served whole; restart without it."
+                raise ApiError(409, msg, param="name", code="in_collection")
+            try:
+                await asyncio.to_thread(self.engine.remove_adapter, name)
+            except ConfigError:
+                msg = f"no adapter named {name!r} is registered. {LIST_HINT}"
+                raise ApiError(404, msg, param="name", code="model_not_found") from None
+        return {"id": name, "object": "model", "deleted": True}
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        parent = None if name == self.base_name else self.base_name
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lorakit",
+            "root": self.base_name,
+            "parent": parent,
+        }
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card(n) for n in [self.base_name, *self.engine.adapters()]]}
+
+    def health(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "status": "ok",
+            "base": self.base_name,
+            "adapters": len(engine.adapters()),
+            "queue_depth": engine.queue_depth(),
+            "running": len(engine.running),
+        }
+
+
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_queue: int = 256,
+    max_prompt_tokens: int | None = None,
+    base_name: str | None = None,
+    adapters_dir: str | Path | None = None,
+    allow_any_path: bool = False,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; its lifespan starts the engine's thread and stops it.
+
+    ``max_queue`` waiting requests make further ones a 429; ``POST /v1/adapters`` loads only from
+    inside ``adapters_dir`` (relative paths are relative to it) unless ``allow_any_path``.
+    ``base_name`` (default ``engine.base_name``) is the base's model id, besides "base".
+    """
+    if max_queue < 0:
+        raise ConfigError(f"max_queue must be ≥ 0, got {max_queue}.")
+    root = Path(adapters_dir).expanduser().resolve() if adapters_dir is not None else None
+    server = _Server(
+        engine,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_prompt_tokens=max_prompt_tokens,
+        base_name=base_name or engine.base_name,
+        adapters_dir=root,
+        allow_any_path=allow_any_path,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="lorakit", lifespan=lifespan)
+    app.state.server = server
+    _error_handlers(app)
+    _routes(app, server)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: HttpRequest, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: HttpRequest, e: HTTPException) -> JSONResponse:
+        return ApiError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: HttpRequest, e: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}").response()
+
+
+def _routes(app: FastAPI, server: _Server) -> None:
+    auth = [Depends(server.auth)]
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: HttpRequest) -> Response:
+        return await server.generate(request, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: HttpRequest) -> Response:
+        return await server.generate(request, chat=True)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        return server.models()
+
+    @app.post("/v1/adapters", dependencies=auth)
+    async def add_adapter(request: HttpRequest) -> dict[str, Any]:
+        return await server.add_adapter(request)
+
+    @app.delete("/v1/adapters/{name}", dependencies=auth)
+    async def remove_adapter(name: str) -> dict[str, Any]:
+        return await server.remove_adapter(name)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return server.health()
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def register_adapter_dir(engine: Engine, root: str | Path) -> tuple[list[str], dict[str, str]]:
+    """Register every direct subfolder of ``root`` that holds an adapter, under the folder's name.
+
+    Returns (registered names, {skipped name: why}); a name the registry restored with the same
+    path is kept as it is.
+    """
+    done: list[str] = []
+    skipped: dict[str, str] = {}
+    for sub in sorted(p for p in Path(root).iterdir() if (p / CONFIG_NAME).is_file()):
+        known = engine.cache.paths.get(sub.name)
+        if known is not None and Path(known).resolve() == sub.resolve():
+            done.append(sub.name)
+            continue
+        try:
+            engine.add_adapter(sub.name, sub)
+        except LorakitError as e:
+            skipped[sub.name] = str(e)
+            continue
+        done.append(sub.name)
+    return done, skipped
+
+
+def run(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until interrupted (open streams get 5 s to finish on shutdown)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
