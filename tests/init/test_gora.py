@@ -12,29 +12,7 @@ from lorakit.init.gora import allocate_ranks
 from lorakit.inject import wrappers
 from lorakit.testing import tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
-
-
-def calibration(rows: int = 16) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for seed in (1, 2):
-        x = tokens(2, rows, seed=seed)
-        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x})
-    return out
-
-
-def reference_gradients(make, names, batches) -> dict[str, torch.Tensor]:
-    """G = mean over batches of ∇_W loss, (out, in), by plain autograd on a float64 copy of the base."""
-    model = make().double()
-    layers = [model.get_submodule(n) for n in names]
-    for layer in layers:
-        layer.weight.requires_grad_(True)
-    G: dict[str, torch.Tensor] = {}
-    for batch in batches:
-        parts = torch.autograd.grad(model(**batch).loss, [layer.weight for layer in layers])
-        for n, layer, g in zip(names, layers, parts, strict=True):
-            g = g if isinstance(layer, torch.nn.Linear) else g.T  # Conv1D stores (in, out)
-            G[n] = G.get(n, 0) + g / len(batches)
-    return G
+from tests.init.grads import calibration, reference_gradients
 
 
 def weight(make, name) -> torch.Tensor:

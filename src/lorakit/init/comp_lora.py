@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit.methods._api import register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
 
@@ -68,29 +67,9 @@ class CompLora(Lora):
         adapter.register_buffer("Uk", Uk.to(adapter.A.dtype), persistent=False)
         return adapter
 
-    def projected_B(self) -> torch.Tensor:
+    def out_B(self) -> torch.Tensor:
         """C·B = B − U_k (U_kᵀ B), (out, r): B with its component in W₀'s top-k column space removed."""
         return self.B - self.Uk @ (self.Uk.T @ self.B)
-
-    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> None:
-        return None  # LoRA's fused node would use the unprojected B
-
-    def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        """s·C·B·A·x, shape (..., out)."""
-        h = L.project_in(base, self.dropout(x), self.A)  # (..., r)
-        return torch.nn.functional.linear(h, self.projected_B()) * self.scale  # (..., out)
-
-    def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        return y + self.lora_out(x, base).to(y.dtype)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.scale * (self.projected_B() @ self.A))  # (out, in) -> base layout
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at rank r (A, C·B); with ``rank`` < r, the best rank-``rank`` truncation."""
-        with torch.no_grad():
-            f = LoraFactors(self.A.detach(), self.projected_B(), self.scale)
-        return f if rank is None else truncate(f, rank)
 
     @staticmethod
     def peft_fields(cfg: LoraConfig) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from lorakit.init._calib import as_batches, base_layer, input_activations
 from lorakit.init.pissa import principal, subtract_shift
 from lorakit.methods import _layers as L
 from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
 from lorakit.methods.lora import Lora, LoraConfig
 
 
@@ -119,35 +118,15 @@ class Salora(Lora):
         with torch.no_grad():
             for buffer, value in ((self.Uc, Uc), (self.A, A0), (self.B, B0), (self.shift_A, A0)):
                 buffer.copy_(value)
-            self.shift_B.copy_(self.projected_B())  # C·B₀
+            self.shift_B.copy_(self.out_B())  # C·B₀
 
     def base_shift(self) -> LoraFactors:
         """The amount subtracted from the base at init: s·C·B₀·A₀, (out, in), rank r."""
         return LoraFactors(self.shift_A, self.shift_B, self.scale)
 
-    def projected_B(self) -> torch.Tensor:
+    def out_B(self) -> torch.Tensor:
         """C·B = B − U_C (U_Cᵀ B), (out, r)."""
         return self.B - self.Uc @ (self.Uc.T @ self.B)
-
-    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> None:
-        return None  # LoRA's fused node would use the unprojected B
-
-    def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        """s·C·B·A·x, shape (..., out)."""
-        h = L.project_in(base, self.dropout(x), self.A)  # (..., r)
-        return torch.nn.functional.linear(h, self.projected_B()) * self.scale  # (..., out)
-
-    def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        return y + self.lora_out(x, base).to(y.dtype)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.scale * (self.projected_B() @ self.A))  # (out, in) -> base layout
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at rank r (A, C·B); with ``rank`` < r, the best rank-``rank`` truncation."""
-        with torch.no_grad():
-            f = LoraFactors(self.A.detach(), self.projected_B(), self.scale)
-        return f if rank is None else truncate(f, rank)
 
     @staticmethod
     def peft_fields(cfg: LoraConfig) -> dict[str, Any]:

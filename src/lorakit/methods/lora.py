@@ -105,14 +105,21 @@ class Lora(nn.Module):
             self.A.requires_grad_(False)  # frozen for good: only B ever trains
         return self
 
+    def out_B(self) -> torch.Tensor:
+        """The B the update uses, (out, r). An init that constrains the update (e.g. projects B's columns)
+        overrides this alone; forward, merge and to_lora all read it."""
+        return self.B
+
     def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """s·B·A·x, shape (..., out)."""
         h = L.project_in(base, self.dropout(x), self.A)  # (..., r)
-        return torch.nn.functional.linear(h, self.B, self.b) * self.scale  # (..., out)
+        return torch.nn.functional.linear(h, self.out_B(), self.b) * self.scale  # (..., out)
 
     def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """Training on a frozen nn.Linear: base and adapter in one autograd node (methods/_fused.py)."""
         hooked = base._forward_hooks or base._forward_pre_hooks
+        if type(self).out_B is not Lora.out_B:  # the fused node reads the raw B
+            return None
         if type(base) is not nn.Linear or self.b is not None or not torch.is_grad_enabled() or hooked:
             return None
         W, bias = base.weight, base.bias
@@ -123,7 +130,7 @@ class Lora(nn.Module):
         return LoraLinearFn.apply(x, W, bias, self.A, self.B, self.scale, p)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        B = self.B
+        B = self.out_B()
         dropout_on = self.training and not isinstance(self.dropout, nn.Identity)
         if torch.is_grad_enabled() or dropout_on or y.dtype != B.dtype or self.b is not None:  # the general path
             return y + self.lora_out(x, base).to(y.dtype)
@@ -134,7 +141,7 @@ class Lora(nn.Module):
         return y
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.scale * (self.B @ self.A))  # (out, in) -> base layout
+        return L.to_base_layout(base, self.scale * (self.out_B() @ self.A))  # (out, in) -> base layout
 
     def delta_bias(self) -> torch.Tensor | None:
         """The output shift s·b of lora_bias (merged into the base bias), or None."""
@@ -143,7 +150,7 @@ class Lora(nn.Module):
     def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
         """Exact; with ``rank`` < r, the best rank-``rank`` truncation of s·B·A. (An A/B pair has no lora_bias.)"""
         require(self.b is None, "to_lora cannot express lora_bias (an output shift); merge the adapter instead.")
-        f = LoraFactors(self.A.detach(), self.B.detach(), self.scale)
+        f = LoraFactors(self.A.detach(), self.out_B().detach(), self.scale)
         return f if rank is None else truncate(f, rank)
 
     def export_state(self) -> dict[str, torch.Tensor]:
