@@ -92,6 +92,8 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         "adapters/ab": str(tmp_path / "ab"),
         "models/ab": str(tmp_path / "models-ab"),
         "runs/analysis": str(tmp_path / "analysis"),
+        "adapters/collection": str(tmp_path / "collection"),
+        "exported/vllm": str(tmp_path / "vllm"),
     }
     for args in commands:
         args = [swap.get(a, a) for a in args]
@@ -116,7 +118,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
 def test_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write out/adapter relative to the working dir
     snippets = [b for b in blocks("python") if "@register(" not in b]  # the method outline is a template
-    assert len(snippets) == 5
+    assert len(snippets) == 6
     namespace: dict = {}
     for code in snippets:  # one namespace: later snippets continue the first one, as a reader would
         exec(compile(code, str(README), "exec"), namespace)

@@ -105,9 +105,7 @@ class Lora(nn.Module):
             self.A.requires_grad_(False)  # frozen for good: only B ever trains
         return self
 
-    def out_B(self) -> torch.Tensor:
-        """The B the update uses, (out, r). An init that constrains the update (e.g. projects B's columns)
-        overrides this alone; forward, merge and to_lora all read it."""
+    def out_B(self) -> torch.Tensor:  # (out, r): forward, merge and to_lora read it; comp_lora/salora project it
         return self.B
 
     def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -117,9 +115,7 @@ class Lora(nn.Module):
 
     def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         """Training on a frozen nn.Linear: base and adapter in one autograd node (methods/_fused.py)."""
-        hooked = base._forward_hooks or base._forward_pre_hooks
-        if type(self).out_B is not Lora.out_B:  # the fused node reads the raw B
-            return None
+        hooked = base._forward_hooks or base._forward_pre_hooks or type(self).out_B is not Lora.out_B  # raw B only
         if type(base) is not nn.Linear or self.b is not None or not torch.is_grad_enabled() or hooked:
             return None
         W, bias = base.weight, base.bias
