@@ -1,8 +1,7 @@
 """What to extract, decided from the two checkpoints' headers and the base config (no weights read).
 
-Target selection uses the same rules as ``lk.attach`` (suffixes, regex, ``"all-linear"``). Layer
-kinds of known architectures come from the checkpoint and config.json; other architectures are
-instantiated on the meta device (which imports transformers and lorakit's layer code, only then).
+The base config is instantiated on the meta device, so target selection uses the same rules as
+``lk.attach`` (suffixes, regex, ``"all-linear"``) and knows each module's layer type.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ from torch import nn
 
 from lorakit.errors import CheckpointError
 from lorakit.extract.checkpoint import Checkpoint
+from lorakit.inject import _name_matches, logical_modules
+from lorakit.methods import _layers as L
 
 
 @dataclass
@@ -108,9 +109,6 @@ def fast_layout(b: Checkpoint) -> Layout | None:
 
 
 def skeleton_layout(b: Checkpoint) -> Layout:
-    from lorakit.inject import logical_modules
-    from lorakit.methods import _layers as L
-
     model: Any = skeleton(b)
     kinds = {n: L.layer_kind(m) for n, m in logical_modules(model) if n and isinstance(m, L.SUPPORTED)}
     names = {id(m): n for n, m in model.named_modules()}
@@ -121,14 +119,6 @@ def skeleton_layout(b: Checkpoint) -> Layout:
         tied = (names[id(emb)], str(head_name))
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     return Layout(kinds, head_name, tied, causal)
-
-
-def _name_matches(spec: str | Sequence[str], name: str) -> bool:
-    """``lk.attach``'s rule (inject._name_matches, restated to keep inject off this path): a regex must
-    match the whole name; a list matches a name equal to an entry or ending in ``.entry``."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def select(layout: Layout, modules: list[str], targets: str | Sequence[str], exclude: Any) -> list[str]:
