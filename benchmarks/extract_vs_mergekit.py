@@ -1,7 +1,8 @@
 """lorakit extract vs mergekit-extract-lora on a SmolLM2-135M base / full fine-tune pair.
 
-Each side runs in a fresh child process (so its peak RSS is its own), interleaved
-A B A B ..., on the same checkpoints at the same rank; medians of the timed repetitions.
+Each side runs its command line (``lorakit extract``, ``mergekit-extract-lora``) as a fresh child
+process (so its peak RSS is its own, and start-up and imports count as a user sees them),
+interleaved A B A B ..., on the same checkpoints at the same rank; medians of the timed repetitions.
 Quality is measured here, on both outputs, against the true per-module deltas:
 mean / max relative Frobenius error and its ratio to the exact-SVD optimum at that rank.
 Also: LoRA parameters lorakit needs (``--energy``) to keep the mean energy mergekit keeps at --rank.
@@ -9,7 +10,7 @@ Also: LoRA parameters lorakit needs (``--energy``) to keep the mean energy merge
 Set-up of the peer (its own environment; mergekit pins its own dependencies):
     bash benchmarks/setup_mergekit.sh            # -> benchmarks/.venv-mergekit
 Run:
-    .venv/bin/python benchmarks/extract_vs_mergekit.py [--reps 3] [--rank 16]
+    .venv/bin/python benchmarks/extract_vs_mergekit.py [--reps 3] [--rank 16] [--threads 2]
 The fine-tune (40 full AdamW steps on local text) is made once under runs/bench/extract_pair.
 """
 
@@ -29,7 +30,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = ROOT / "runs" / "bench" / "extract_pair"
 MERGEKIT = ROOT / "benchmarks" / ".venv-mergekit" / "bin" / "mergekit-extract-lora"
+LORAKIT = Path(sys.executable).parent / "lorakit"  # the console script of this environment
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def set_threads(n: int) -> None:
+    """The cores' worth of threads each side may use: OMP_NUM_THREADS (mergekit's torch uses them for its
+    SVDs; lorakit's CLI runs its SVDs on ``--threads`` torch threads, default 1, beside its I/O threads)."""
+    ENV["OMP_NUM_THREADS"] = ENV["MKL_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
 
 
 def make_tuned(steps: int = 40) -> Path:
@@ -72,12 +81,20 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return float(wall), float(rss_kb) / 1024
 
 
-def lorakit_cmd(base: Path, tuned: Path, out: Path, flags: str) -> list[str]:
-    code = (
-        "import torch; torch.set_num_threads(2); from lorakit.extract import extract; "
-        f"extract({str(base)!r}, {str(tuned)!r}, {str(out)!r}, {flags}, overwrite=True, progress=False)"
-    )
-    return [sys.executable, "-c", code]
+def lorakit_cmd(base: Path, tuned: Path, out: Path, flags: list[str]) -> list[str]:
+    """``lorakit extract`` as a user runs it (its default ``--threads``; no progress bar: TQDM_DISABLE)."""
+    return [
+        str(LORAKIT),
+        "extract",
+        "--base",
+        str(base),
+        "--tuned",
+        str(tuned),
+        "--out",
+        str(out),
+        *flags,
+        "--overwrite",
+    ]
 
 
 def quality(adapter: Path, base: Path, tuned: Path) -> dict[str, float]:
@@ -116,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each side")
     parser.add_argument("--mergekit", type=Path, default=Path(os.environ.get("MERGEKIT_BIN", MERGEKIT)))
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--make-pair", action="store_true", help="only make the fine-tuned checkpoint")
@@ -123,7 +141,7 @@ def main() -> None:
     if args.make_pair:
         make_tuned()
         return
-    torch.set_num_threads(2)
+    set_threads(args.threads)
     if not args.mergekit.exists():
         sys.exit(f"{args.mergekit} not found: run `bash benchmarks/setup_mergekit.sh` (or set MERGEKIT_BIN).")
     from lorakit.models import base_dir
@@ -136,23 +154,26 @@ def main() -> None:
     mk_cmd = [str(args.mergekit), "--model", str(tuned), "--base-model", str(base), "--out-path", str(theirs)]
     mk_cmd += ["--max-rank", str(args.rank), "--quiet"]
     times: dict[str, list[tuple[float, float]]] = {"lorakit": [], "mergekit": []}
+    load = [os.getloadavg()[0]]  # 1-minute load average: the machine is shared, so say how busy it was
     for rep in range(args.reps + 1):  # the first round is a warm-up (page cache, imports)
         for side in ("lorakit", "mergekit"):
             shutil.rmtree(theirs, ignore_errors=True)
-            cmd = lorakit_cmd(base, tuned, ours, f"rank={args.rank}") if side == "lorakit" else mk_cmd
+            cmd = lorakit_cmd(base, tuned, ours, ["--rank", str(args.rank)]) if side == "lorakit" else mk_cmd
             wall, rss = run_child(cmd)
             if rep:
                 times[side].append((wall, rss))
             print(f"rep {rep} {side}: {wall:.2f} s, {rss:.0f} MB", file=sys.stderr)
+    load.append(os.getloadavg()[0])
     q_ours, q_theirs = quality(ours, base, tuned), quality(theirs, base, tuned)
     target = q_theirs["mean_energy"]  # lorakit at the same mean kept energy, rank chosen per module
     energy_dir = work / "lorakit_energy"
-    run_child(lorakit_cmd(base, tuned, energy_dir, f"energy={target:.6f}"))
+    run_child(lorakit_cmd(base, tuned, energy_dir, ["--energy", f"{target:.6f}"]))
     q_energy = quality(energy_dir, base, tuned)
     med = {s: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v)) for s, v in times.items()}
     result = {
-        "workload": f"extract smollm2-135m vs a 40-step full fine-tune, rank {args.rank}, 2 threads",
+        "workload": f"extract smollm2-135m vs a 40-step full fine-tune, rank {args.rank}, {args.threads} threads, CLIs",
         "reps": args.reps,
+        "load_avg_1min": {"before": round(load[0], 2), "after": round(load[1], 2)},
         "lorakit": {"wall_s": round(med["lorakit"][0], 2), "peak_rss_mb": round(med["lorakit"][1]), **q_ours},
         "peer": {"name": "mergekit-extract-lora", "wall_s": round(med["mergekit"][0], 2)}
         | {"peak_rss_mb": round(med["mergekit"][1]), **q_theirs},

@@ -23,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import ConfigError, TargetError
+from lorakit.io.peft_format import name_matches
 from lorakit.methods import _layers as L
 from lorakit.methods._api import MethodSpec, spec_of_config
 
@@ -126,12 +127,6 @@ def logical_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _name_matches(spec: Targets, name: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
 def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = None) -> list[str]:
     """Logical names of the modules ``targets`` selects; a clear TargetError when none or a bad type."""
     if isinstance(targets, str) and targets != "all-linear":
@@ -149,8 +144,8 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
         if targets == "all-linear":
             hit = isinstance(module, (nn.Linear, Conv1D)) and module is not head
         else:
-            hit = _name_matches(targets, name)
-        if hit and not (exclude and _name_matches(exclude, name)):
+            hit = name_matches(targets, name)
+        if hit and not (exclude and name_matches(exclude, name)):
             L.layer_kind(module, name)  # unsupported type -> TargetError naming the module
             chosen.append(name)
     if not chosen:
@@ -284,8 +279,8 @@ def _saved_targets(model: nn.Module, suffixes: Sequence[str], adapted: list[str]
     """Logical names of the modules_to_save; each suffix must match, and none may also be adapted."""
     if isinstance(suffixes, str):
         suffixes = [suffixes]
-    names = [n for n, _ in logical_modules(model) if n and _name_matches(suffixes, n)]
-    unmatched = [s for s in suffixes if not any(_name_matches([s], n) for n in names)]
+    names = [n for n, _ in logical_modules(model) if n and name_matches(suffixes, n)]
+    unmatched = [s for s in suffixes if not any(name_matches([s], n) for n in names)]
     if unmatched:
         raise TargetError(f"modules_to_save {unmatched!r} matched no module of {type(model).__name__}.")
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
 def tiny_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, vocab: int = 256) -> LlamaForCausalLM:
@@ -73,3 +75,17 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05)
         set_step: Any = getattr(m, "set_step", None)
         if callable(set_step):
             set_step(1)
+
+
+def save_tuned_pair(
+    folder: Path, make: Callable[[int], PreTrainedModel], *, seed: int, std: float = 0.01
+) -> tuple[Path, Path]:
+    """``folder/base`` = ``make(0)`` and ``folder/tuned`` = it plus ``std`` Gaussian noise on every
+    parameter (seeded), both saved with ``save_pretrained``: a full fine-tune pair for extraction tests."""
+    make(0).save_pretrained(folder / "base")
+    tuned = make(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(std * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    tuned.save_pretrained(folder / "tuned")
+    return folder / "base", folder / "tuned"

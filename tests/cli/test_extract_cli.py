@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import json
 
-import torch
 from typer.testing import CliRunner
 
 from lorakit.cli import app
 from lorakit.io.factors import read_factors
-from lorakit.testing import tiny_llama
+from lorakit.testing import save_tuned_pair, tiny_llama
 
 runner = CliRunner()
 
 
 def test_extract_then_resize(tmp_path):
-    tiny_llama(0).save_pretrained(tmp_path / "base")
-    tuned = tiny_llama(0)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
-    tuned.save_pretrained(tmp_path / "tuned")
+    save_tuned_pair(tmp_path, tiny_llama, seed=2)
     args = [
         "extract",
         "--base",

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 import lorakit as lk
 from lorakit.errors import CheckpointError
 from lorakit.extract import extract
 from lorakit.io.factors import read_factors
-from lorakit.testing import tiny_gpt2, tiny_llama
+from lorakit.testing import save_tuned_pair, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 
 PLANTED = 3
@@ -204,12 +205,8 @@ def test_an_interrupted_extraction_leaves_no_adapter_dir(tmp_path, monkeypatch):
 
 def test_peft_loads_a_gpt2_extraction_with_bias_changes_and_a_tied_head(tmp_path):
     peft = pytest.importorskip("peft")
-    tiny_gpt2(0).save_pretrained(tmp_path / "base")
-    tuned = tiny_gpt2(0)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
-    tuned.save_pretrained(tmp_path / "tuned")
+    _, tuned_dir = save_tuned_pair(tmp_path, tiny_gpt2, seed=5, std=0.02)
+    tuned = GPT2LMHeadModel.from_pretrained(tuned_dir)
     result = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", ratio=1.0, progress=False)
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_bias"] is True
     assert result.saved["lm_head"] == "tied to transformer.wte, which changed"

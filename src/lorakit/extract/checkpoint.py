@@ -1,8 +1,10 @@
 """A Hugging Face checkpoint read one tensor at a time.
 
-Safetensors headers are parsed up front (a few KB); each ``get`` reads just that tensor's bytes
-with ``pread`` into fresh memory, so nothing of the checkpoint stays resident between tensors
-(memory-mapping would leave every touched page counted in the process's resident set).
+Safetensors headers are parsed up front (a few KB); each ``get`` maps just that tensor's pages
+privately (copy-on-write ``mmap``: no copy out of the page cache, and writes to the tensor never
+reach the file). The mapping lives exactly as long as the returned tensor, so nothing of the
+checkpoint stays resident between tensors (one long-lived mapping of the file would keep every
+touched page counted in the process's resident set).
 Works on a single ``*.safetensors`` file, a folder with ``model.safetensors``, or a sharded
 folder with ``model.safetensors.index.json``; a bundled name (``"smollm2-135m"``) resolves to
 its cached checkpoint folder.
@@ -11,6 +13,8 @@ its cached checkpoint folder.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -125,18 +129,41 @@ class Checkpoint:
         return self.entries[name].shape
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """Tensor ``name`` read from disk (cast to ``dtype``; None keeps the stored dtype)."""
+        """Tensor ``name`` mapped from disk (cast to ``dtype``; None keeps the stored dtype)."""
         if name not in self.entries:
             raise CheckpointError(f"{self.path} has no tensor {name!r}.")
         e = self.entries[name]
-        buf = bytearray(e.end - e.start)
-        fd = os.open(e.file, os.O_RDONLY)
-        try:
-            got = os.preadv(fd, [buf], e.start)
-        finally:
-            os.close(fd)
-        if got != len(buf):
-            raise CheckpointError(f"{e.file}: short read of tensor {name} ({got} of {len(buf)} bytes).")
-        t = torch.frombuffer(buf, dtype=e.dtype) if buf else torch.empty(0, dtype=e.dtype)
-        t = t.reshape(e.shape)
+        t = _map(e, name).reshape(e.shape)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _map(e: Entry, name: str) -> torch.Tensor:
+    """The bytes of entry ``e`` as a flat tensor: a private mapping of just its pages, or a copy.
+
+    The mapping covers only the tensor's page range, so it never asks the kernel for more than
+    the tensor's size even in a huge single-file checkpoint. Where mapping fails (too many open
+    mappings for the process's file limit, a strict overcommit policy), the bytes are read into
+    fresh memory instead; a misaligned tensor is copied to aligned memory for every kernel.
+    """
+    size = e.end - e.start
+    itemsize = torch.empty(0, dtype=e.dtype).element_size()
+    if size != itemsize * math.prod(e.shape):
+        raise CheckpointError(
+            f"{e.file}: tensor {name} holds {size} bytes, but dtype {e.dtype} and shape {e.shape} need "
+            f"{itemsize * math.prod(e.shape)}; the file is damaged."
+        )
+    if size == 0:
+        return torch.empty(0, dtype=e.dtype)
+    low = e.start - e.start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+    with open(e.file, "rb") as f:
+        if os.fstat(f.fileno()).st_size < e.end:
+            raise CheckpointError(f"{e.file} is truncated: tensor {name} ends at byte {e.end}.")
+        try:  # copy-on-write: writes to the tensor never reach the file; it keeps the mapping alive
+            view: Any = mmap.mmap(f.fileno(), e.end - low, access=mmap.ACCESS_COPY, offset=low)
+            offset = e.start - low
+        except OSError:
+            view, offset = bytearray(size), 0
+            if os.preadv(f.fileno(), [view], e.start) != size:
+                raise CheckpointError(f"{e.file}: short read of tensor {name}.") from None
+    t = torch.frombuffer(view, dtype=torch.uint8, count=size, offset=offset)
+    return (t if e.start % itemsize == 0 or offset == 0 else t.clone()).view(e.dtype)

@@ -3,10 +3,13 @@ Rule: ΔW = W_tuned − W_base per targeted layer; keep its top-k SVD (B = U_k S
 from a fixed rank, a rank ratio, or the smallest k keeping a fraction E of Σσ² (energy).
 
 Streaming: both checkpoints are read one module at a time and the adapter is written as it is
-made (io/stream.py), so memory holds a few tensors whatever the model size. Differences that are
-not a targeted weight (norms, embeddings, heads, biases) are saved whole as PEFT
-``modules_to_save`` — or, for embeddings with ``embeddings="lora"``, factored too — and listed in
-the report; unchanged tensors are skipped. Also the RE-Adapt / LoRE-Adapt use (#157): extract
+made (io/stream.py), so memory holds a few tensors whatever the model size. Reading (with the
+finiteness and equality checks) runs a module or two ahead in one thread and writing trails in
+another (extract/pipeline.py), so both overlap the SVDs; the output is byte for byte what one
+loop writes (the SVDs stay in order on the main thread). Differences that are not a targeted
+weight (norms, embeddings, heads, biases) are saved whole as PEFT ``modules_to_save`` — or, for
+embeddings with ``embeddings="lora"``, factored too — and listed in the report; unchanged tensors
+are skipped. Also the RE-Adapt / LoRE-Adapt use (#157): extract
 instruct − base once, then apply it to another fine-tune of the same base.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +28,24 @@ from tqdm import tqdm
 from lorakit.errors import CheckpointError, ConfigError
 from lorakit.extract.checkpoint import Checkpoint
 from lorakit.extract.lowrank import SVD_METHODS, Decomposition, RankRule, decompose
+from lorakit.extract.pipeline import BackgroundWriter, Prefetch
 from lorakit.extract.plan import Plan, plan_modules
-from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.extract.report import PlotJob
 from lorakit.io.atomic import atomic_dir
-from lorakit.io.factors import EMBEDDING_KEYS, LINEAR_KEYS, lora_config, lorakit_block
+from lorakit.io.peft_format import (
+    CONFIG_NAME,
+    EMBEDDING_KEYS,
+    LINEAR_KEYS,
+    PREFIX,
+    WEIGHTS_NAME,
+    lora_config,
+    lorakit_block,
+)
 from lorakit.io.stream import SafetensorsWriter, header_room
 
 REPORT_NAME = "extract_report.json"
 PLOT_NAME = "extract_energy.png"
+_Tensors = dict[str, torch.Tensor]  # tensor name -> tensor, of one module
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,9 +80,24 @@ class ExtractResult:
         }
 
 
+# Elements per chunk of the reader thread's checks: below torch's parallel grain (32,768), so each op
+# runs on the reader alone. A second OpenMP team beside the main thread's would stall its small
+# QRs and matmuls whenever the cores are all busy (on 2 cores, 10x slower in whole runs).
+SERIAL = 16384
+
+
+def _chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return t.reshape(-1).split(SERIAL)
+
+
 def _finite(t: torch.Tensor) -> bool:
-    """All values finite. One reduction first (NaN/inf propagate); the exact check only if it says no."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    """All values finite. One reduction per chunk first (NaN/inf propagate); the exact check only if it says no."""
+    return all(bool(torch.isfinite(c.sum())) or bool(torch.isfinite(c).all()) for c in _chunks(t))
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal(a, b)``, chunk by chunk (it stops at the first chunk that differs)."""
+    return a.shape == b.shape and all(torch.equal(x, y) for x, y in zip(_chunks(a), _chunks(b), strict=True))
 
 
 def _orient(delta: torch.Tensor, kind: str) -> torch.Tensor:
@@ -122,54 +150,82 @@ def extract(
         "dtype": dtype or "as stored",
     }
     room = header_room(3 * sum(map(len, plan.keys.values())) + 8, 300 * len(plan.modules) + 8192)
-    with atomic_dir(out, marker=CONFIG_NAME) as tmp, SafetensorsWriter(tmp / WEIGHTS_NAME, room) as writer:
-        run = _Run(plan, rule, svd, dtype, seed, writer)
+    with (
+        atomic_dir(out, marker=CONFIG_NAME) as tmp,
+        PlotJob(plot, tmp / PLOT_NAME) as plotter,  # a helper process draws it meanwhile
+        SafetensorsWriter(tmp / WEIGHTS_NAME, room) as file,
+        BackgroundWriter(file) as writer,
+    ):
+        run = _Run(plan, rule, svd, dtype, seed, writer, plotter)
         run(b, t, result, progress)
+        plotter.finish(result)
+        writer.finish()
         ranks, kinds, fingerprint = run.ranks, run.kinds, run.fingerprint
         config = lora_config(ranks, kinds, list(result.saved), b.config.get("_name_or_path"), plan.task_type)
         config["lora_bias"] = plan.lora_bias
         block = lorakit_block(list(ranks), fingerprint, {"made_by": "lorakit extract", **result.settings})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        writer.close({"format": "pt", "lorakit": json.dumps(block)})
+        file.close({"format": "pt", "lorakit": json.dumps(block)})
         result.seconds = time.perf_counter() - started
         (tmp / REPORT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        if plot and result.spectra:
-            from lorakit.extract.report import plot_energy
-
-            plot_energy(result, tmp / PLOT_NAME)
+        plotter.wait()
     return result
 
 
 class _Run:
     """One pass over the planned modules: read both sides, factor or save whole, write as it goes."""
 
-    def __init__(self, plan: Plan, rule: RankRule, svd: str, dtype: str | None, seed: int, writer: SafetensorsWriter):
-        self.plan, self.rule, self.svd, self.writer = plan, rule, svd, writer
+    def __init__(
+        self,
+        plan: Plan,
+        rule: RankRule,
+        svd: str,
+        dtype: str | None,
+        seed: int,
+        writer: BackgroundWriter,
+        plot: PlotJob,
+    ):
+        self.plan, self.rule, self.svd, self.writer, self.plot = plan, rule, svd, writer, plot
         self.cast = DTYPES[dtype] if dtype else None
         self.generator = torch.Generator().manual_seed(seed)
         self.ranks: dict[str, int] = {}
         self.kinds: dict[str, str] = {}
         self.fingerprint: dict[str, float] = {}
 
-    def __call__(self, b: Checkpoint, t: Checkpoint, result: ExtractResult, progress: bool) -> None:
-        bar = tqdm(self.plan.modules, desc="extract", unit="module", disable=not progress, leave=False)
-        for module in bar:
+    def read(self, b: Checkpoint, t: Checkpoint) -> Iterator[tuple[str, _Tensors, _Tensors, list[str]]]:
+        """Per module, in file order: its base and tuned tensors and the names of those that changed."""
+        for module in self.plan.modules:
             keys = self.plan.keys[module]
             base_t = {k: b.get(k, None) for k in keys}
             tuned_t = {k: t.get(k, None) for k in keys}
             for k, v in tuned_t.items():
                 if v.is_floating_point() and not _finite(v):
                     raise CheckpointError(f"{t.path}: tensor {k} has NaN or infinite values; the fine-tune is broken.")
-            changed = [k for k in keys if not torch.equal(base_t[k], tuned_t[k])]
-            kind = self.plan.lora.get(module)
-            if kind and len(self.fingerprint) < 4 and f"{module}.weight" in base_t:
-                self.fingerprint[module] = float(base_t[f"{module}.weight"].float().norm())
-            result.unchanged += len(keys) - len(changed)
-            if changed and kind and set(changed) <= {f"{module}.weight", f"{module}.bias"}:
-                d = self.factor(module, kind, base_t, tuned_t, result)
-                bar.set_postfix(rank=d.rank, energy=f"{d.energy:.3f}")
-            elif changed:
-                self.save_whole(module, tuned_t, result)
+            yield module, base_t, tuned_t, [k for k in keys if not _equal(base_t[k], tuned_t[k])]
+
+    def __call__(self, b: Checkpoint, t: Checkpoint, result: ExtractResult, progress: bool) -> None:
+        with Prefetch(self.read(b, t), ahead=1) as modules:
+            bar = tqdm(
+                modules, total=len(self.plan.modules), desc="extract", unit="module", disable=not progress, leave=False
+            )
+            for module, base_t, tuned_t, changed in bar:
+                self.step(module, base_t, tuned_t, changed, result, bar)
+
+    def step(
+        self, module: str, base_t: _Tensors, tuned_t: _Tensors, changed: list[str], result: ExtractResult, bar: Any
+    ) -> None:
+        """Factor one module's change, or save it whole; unchanged tensors are only counted."""
+        keys = self.plan.keys[module]
+        kind = self.plan.lora.get(module)
+        if kind and len(self.fingerprint) < 4 and f"{module}.weight" in base_t:
+            self.fingerprint[module] = float(base_t[f"{module}.weight"].float().norm())
+        result.unchanged += len(keys) - len(changed)
+        if changed and kind and set(changed) <= {f"{module}.weight", f"{module}.bias"}:
+            d = self.factor(module, kind, base_t, tuned_t, result)
+            bar.set_postfix(rank=d.rank, energy=f"{d.energy:.3f}")
+            self.plot.update(result)
+        elif changed:
+            self.save_whole(module, tuned_t, result)
 
     def factor(
         self, module: str, kind: str, base_t: dict[str, torch.Tensor], tuned_t: dict[str, torch.Tensor], result: Any

@@ -1,7 +1,8 @@
 """What to extract, decided from the two checkpoints' headers and the base config (no weights read).
 
-The base config is instantiated on the meta device, so target selection uses the same rules as
-``lk.attach`` (suffixes, regex, ``"all-linear"``) and knows each module's layer type.
+Target selection uses the same rules as ``lk.attach`` (suffixes, regex, ``"all-linear"``). Layer
+kinds of known architectures come from the checkpoint and config.json; other architectures are
+instantiated on the meta device (which imports transformers and lorakit's layer code, only then).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from torch import nn
 
 from lorakit.errors import CheckpointError
 from lorakit.extract.checkpoint import Checkpoint
-from lorakit.inject import _name_matches, logical_modules
-from lorakit.methods import _layers as L
+from lorakit.io.peft_format import name_matches
 
 
 @dataclass
@@ -109,6 +109,9 @@ def fast_layout(b: Checkpoint) -> Layout | None:
 
 
 def skeleton_layout(b: Checkpoint) -> Layout:
+    from lorakit.inject import logical_modules
+    from lorakit.methods import _layers as L
+
     model: Any = skeleton(b)
     kinds = {n: L.layer_kind(m) for n, m in logical_modules(model) if n and isinstance(m, L.SUPPORTED)}
     names = {id(m): n for n, m in model.named_modules()}
@@ -136,8 +139,8 @@ def select(layout: Layout, modules: list[str], targets: str | Sequence[str], exc
         if targets == "all-linear":
             hit = layout.kinds.get(name) in ("linear", "conv1d") and name != layout.head
         else:
-            hit = _name_matches(targets, name)
-        if hit and not (exclude and _name_matches(exclude, name)):
+            hit = name_matches(targets, name)
+        if hit and not (exclude and name_matches(exclude, name)):
             if name not in layout.kinds:
                 raise CheckpointError(
                     f"targets={targets!r} matches {name}, which is not a Linear, Conv1D or Embedding."

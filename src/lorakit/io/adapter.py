@@ -35,12 +35,10 @@ from lorakit.inject import (
     wrappers,
 )
 from lorakit.io.atomic import atomic_dir
+from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.methods import _layers as L
 from lorakit.methods._api import REGISTRY, LoraFactors, get_spec
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 # PEFT inits that rewrite the base weights: such an adapter is relative to a residual base.
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # PEFT features lorakit does not load yet: field -> value meaning "unused".

@@ -21,14 +21,11 @@ from typing import Any
 import safetensors.torch
 import torch
 
-import lorakit
 from lorakit.errors import AdapterFormatError
 from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_config, read_tensors
 from lorakit.io.atomic import atomic_dir
+from lorakit.io.peft_format import EMBEDDING_KEYS, LINEAR_KEYS, lora_config, lorakit_block
 from lorakit.methods._api import LoraFactors
-
-LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
-EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
 
 
 @dataclass
@@ -121,55 +118,6 @@ def _split(name: str) -> tuple[str, str]:
             return name[: -len(suffix) - 1], suffix
     module, _, param = name.rpartition(".")
     return module, param
-
-
-def lora_config(
-    ranks: Mapping[str, int],
-    kinds: Mapping[str, str],
-    saved: list[str],
-    base_name: str | None,
-    task_type: str | None,
-) -> dict[str, Any]:
-    """PEFT adapter_config.json fields of a scale-1 LoRA with per-module ``ranks`` and whole ``saved`` modules."""
-    r = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
-    differing = {m: k for m, k in ranks.items() if k != r}
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_name,
-        "revision": None,
-        "inference_mode": True,
-        "target_modules": "(" + "|".join(re.escape(m) for m in ranks) + ")" if ranks else None,
-        "exclude_modules": None,
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": {re.escape(m): k for m, k in differing.items()},
-        "alpha_pattern": {re.escape(m): k for m, k in differing.items()},
-        "lora_dropout": 0.0,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "fan_in_fan_out": "conv1d" in kinds.values(),
-        "bias": "none",
-        "modules_to_save": saved or None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
-
-
-def lorakit_block(
-    modules: list[str], fingerprint: Mapping[str, float], provenance: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The ``lorakit`` metadata block of a plain LoRA dir (stored in the safetensors header)."""
-    block: dict[str, Any] = {
-        "version": lorakit.__version__,
-        "method": "lora",
-        "modules": modules,
-        "base_fingerprint": dict(fingerprint),
-    }
-    if provenance:
-        block["provenance"] = dict(provenance)
-    return block
 
 
 def write_factors(
