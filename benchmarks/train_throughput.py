@@ -5,8 +5,11 @@ AdamW lr 1e-4 (WORKLOADS.md "Training"). Three parts, one JSON object out:
 
 1. parity: both sides start from the same adapter weights with dropout 0 and take the same
    steps; their losses must agree to 1e-4 relative;
-2. speed: with dropout 0.05, lorakit and PEFT steps are timed interleaved (A B A B ...) in one
-   process, after a warm-up step; tokens/s is the median over repetitions;
+2. speed: with dropout 0.05, steps are timed interleaved (A B C A B C ...) in one process, after a
+   warm-up step; tokens/s is the median over repetitions. Sides: `lorakit` (lorakit's training
+   step, as `lorakit train` runs it: the loss through `train/loss.py`'s fused head), PEFT (the
+   model's own loss), and `lorakit_model_loss` (lorakit's adapters with the model's own loss: the
+   adapter implementations alone compared);
 3. memory: peak RSS of a fresh process per side doing the same steps (resource.getrusage).
 
     .venv/bin/python benchmarks/train_throughput.py [--layers 30] [--steps 5] [--reps 3] [--threads 2]
@@ -30,6 +33,7 @@ import torch
 import lorakit as lk
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, smollm2_shape
+from lorakit.train.loss import training_loss
 
 B, T, R, ALPHA, LR = 4, 128, 16, 32.0, 1e-4
 
@@ -61,8 +65,11 @@ def batch(step: int) -> torch.Tensor:
     return torch.randint(0, 49152, (B, T), generator=torch.Generator().manual_seed(step))
 
 
-def step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
-    loss = model(input_ids=ids, labels=ids).loss
+def step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, fused_loss: bool = False) -> float:
+    """One step. ``fused_loss``: lorakit's training loss (``lorakit train``: the head and the cross-entropy
+    fused over row chunks, train/loss.py), else the model's own ``loss`` (what PEFT users run)."""
+    batch = {"input_ids": ids, "labels": ids}
+    loss = training_loss(model, batch) if fused_loss else model(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -88,7 +95,8 @@ def rss_child(side: str, layers: int, steps: int, init_dir: Path) -> int:
     code = (
         f"import sys, torch; sys.path.insert(0, {here!r}); import train_throughput as t; "
         f"torch.set_num_threads(2); m = t.build({side!r}, {layers}, 0.05, t.Path({str(init_dir)!r})); "
-        f"o = t.optimizer(m); [t.step(m, o, t.batch(i)) for i in range({steps + 1})]; print(t.peak_rss_kib())"
+        f"o = t.optimizer(m); [t.step(m, o, t.batch(i), {side == 'lorakit'}) for i in range({steps + 1})]; "
+        "print(t.peak_rss_kib())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -112,21 +120,23 @@ def main() -> None:
         torch.manual_seed(0)
         model = build(side, args.layers, 0.0, init_dir)
         opt = optimizer(model)
-        losses[side] = [step(model, opt, batch(i)) for i in range(3)]
+        losses[side] = [step(model, opt, batch(i), side == "lorakit") for i in range(3)]
         del model, opt
     rel = max(abs(a - b) / abs(b) for a, b in zip(losses["lorakit"], losses["peft"], strict=True))
 
     # 2. speed: interleaved, dropout 0.05
     models = {side: build(side, args.layers, 0.05, init_dir) for side in ("lorakit", "peft")}
-    opts = {side: optimizer(m) for side, m in models.items()}
+    models["lorakit_model_loss"] = models["lorakit"]  # the same adapters, trained on by both lorakit sides
+    opts = {side: optimizer(m) for side, m in models.items() if side != "lorakit_model_loss"}
+    opts["lorakit_model_loss"] = opts["lorakit"]
     for side in models:
-        step(models[side], opts[side], batch(0))  # warm-up
+        step(models[side], opts[side], batch(0), side == "lorakit")  # warm-up
     times: dict[str, list[float]] = {side: [] for side in models}
     for rep in range(args.reps):
         for side in models:
             t0 = time.perf_counter()
             for i in range(args.steps):
-                step(models[side], opts[side], batch(1 + rep * args.steps + i))
+                step(models[side], opts[side], batch(1 + rep * args.steps + i), side == "lorakit")
             times[side].append(time.perf_counter() - t0)
     del models, opts
     tps = {side: B * T * args.steps / statistics.median(ts) for side, ts in times.items()}
@@ -141,9 +151,15 @@ def main() -> None:
         "threads": args.threads,
         "lorakit": {"tokens_per_s": tps["lorakit"], "peak_rss_mb": rss["lorakit"]},
         "peer": {"name": f"peft {peft.__version__}", "tokens_per_s": tps["peft"], "peak_rss_mb": rss["peft"]},
-        "ratio": {"tokens_per_s": tps["lorakit"] / tps["peft"], "peak_rss": rss["lorakit"] / rss["peft"]},
+        "lorakit_model_loss": {"tokens_per_s": tps["lorakit_model_loss"]},
+        "ratio": {
+            "tokens_per_s": tps["lorakit"] / tps["peft"],
+            "peak_rss": rss["lorakit"] / rss["peft"],
+            "adapters_alone_tokens_per_s": tps["lorakit_model_loss"] / tps["peft"],
+        },
         "loss_parity": {"lorakit": losses["lorakit"], "peft": losses["peft"], "max_rel_diff": rel},
         "median_s": {side: statistics.median(ts) for side, ts in times.items()},
+        "rep_s": {side: [round(t, 3) for t in ts] for side, ts in times.items()},
         "reps": args.reps,
         "steps_per_rep": args.steps,
         "peak_rss_this_process_mb": peak_rss_kib() / 1024,

@@ -26,6 +26,7 @@ from lorakit.inject import adapter_names
 from lorakit.io.atomic import atomic_write_bytes
 from lorakit.train.data import Record, collate
 from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.loss import training_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,7 +153,7 @@ def _accumulate(
         idx = batch_indices(len(records), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed)
         batch = {k: v.to(acc.device) for k, v in collate([records[i] for i in idx], pad_id).items()}
         with acc.autocast():
-            loss = model(**batch).loss / cfg.grad_accum
+            loss = training_loss(model, batch) / cfg.grad_accum  # model(**batch).loss, head fused
         acc.backward(loss)
         step_loss += float(loss.detach())
         step_tokens += int(batch["attention_mask"].sum())

@@ -1,0 +1,27 @@
+"""Reused scratch buffers for tensors that live within one call (one forward or backward pass).
+
+A fresh large tensor per call means fresh pages from the OS on every call on CPU (the allocator
+returns freed ones), ~0.2 ms of page faults for a 512 × 576 float32 tensor; a buffer kept per
+(shape, dtype, device, slot) and per thread is faulted in once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+MAX_BUFFERS = 64  # more distinct shapes (e.g. varying sequence lengths): start over
+_local = threading.local()
+
+
+def scratch(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
+    """An uninitialised buffer of ``shape``, the same one on every call with the same arguments (in
+    this thread). Its contents are valid only until the next caller of the same ``slot`` writes it."""
+    key = (tuple(shape), dtype, torch.device(device), slot)
+    buffers: dict[tuple[object, ...], torch.Tensor] = _local.__dict__.setdefault("buffers", {})
+    if key not in buffers:
+        if len(buffers) >= MAX_BUFFERS:
+            buffers.clear()
+        buffers[key] = torch.empty(key[0], dtype=dtype, device=device)
+    return buffers[key]
