@@ -144,6 +144,35 @@ def test_plan_segments_perm_and_buckets():
     assert not forced.segments and sorted(t for b in forced.buckets for t in b[1].tolist()) == [0, 1, 2, 4, 5]
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_equal_length_runs_go_as_groups_and_equal_the_reference(path):
+    """Prefill of equal-length prompts with distinct adapters: consecutive runs of one rank and length
+    form one group (one bmm pair); a base-only request or another length or rank starts a new one."""
+    requests = [1, 4, 8, 0, 6, 10, 3, 9]  # ranks 16, 16, 16, 8, 8, 8, 4, 4
+    slots = torch.tensor(requests).repeat_interleave(6)
+    plan = SlotBatch.build(slots, RANKS, path="segments")
+    assert [(r, n, a, s) for r, n, a, s, _ in plan.segment_groups] == [
+        (16, 6, 0, (1, 4, 8)),
+        (8, 6, 18, (0, 6, 10)),
+        (4, 6, 36, (3, 9)),
+    ]
+    lora_close(slots, path)
+    broken = torch.tensor([1, 4, -1, 8, 0]).repeat_interleave(6)  # base-only rows split the rank-16 runs
+    assert [g[3] for g in SlotBatch.build(broken, RANKS, path="segments").segment_groups] == [(1, 4), (8,), (0,)]
+    lora_close(broken, path)
+    lora_close(torch.cat([slots[6:], slots[:6]]), path)  # slot 1 last: still grouped by slot, perm path
+    uneven = torch.cat([torch.full((6,), 1), torch.full((7,), 4), torch.full((6,), 8)])  # another length
+    assert len(SlotBatch.build(uneven, RANKS, path="segments").segment_groups) == 3
+    lora_close(uneven, path)
+    lora_close(slots.flip(0), path)
+    even = [8] * 6  # every slot at one rank: slots 0..5 in order read the buffers' rows without a gather
+    A, B = bank(even)
+    consecutive = torch.arange(6).repeat_interleave(5)
+    assert [g[3] for g in SlotBatch.build(consecutive, even, path="segments").segment_groups] == [(0, 1, 2, 3, 4, 5)]
+    lora_close(consecutive, path, A=A, B=B, ranks=even)
+    lora_close(consecutive.flip(0), path, A=A, B=B, ranks=even)  # 5, 4, ..., 0: gathered
+
+
 def test_degenerate_inputs_leave_y_unchanged():
     A, B = bank(RANKS)
     for slots in (torch.zeros(0, dtype=torch.long), torch.full((7,), -1), torch.tensor([2, 11, 2, -1])):  # ranks 0

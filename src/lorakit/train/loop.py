@@ -25,8 +25,8 @@ from lorakit.errors import ConfigError
 from lorakit.inject import adapter_names
 from lorakit.io.atomic import atomic_write_bytes
 from lorakit.train.data import Record, collate
-from lorakit.train.optim import build_optimizer, build_scheduler
 from lorakit.train.loss import training_loss
+from lorakit.train.optim import build_optimizer, build_scheduler
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ A compressed collection uses the same object, every core counting as rank 1: ``S
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -35,6 +36,7 @@ token). Measured (``--only compressed --threads 1``, 576→1536, gather ÷ segme
 (L=1), 1.03 (L=16); R = 64: 0.74 (L=1), 1.00 (L=4), 1.21 (L=16); R = 128: 0.93 (L=1), 1.47 (L=4)."""
 
 Segment = tuple[int, int, int, int]  # (slot, start, stop, rank)
+Group = tuple[int, int, int, tuple[int, ...], torch.Tensor]  # (rank, run length L, start, slots, slots as (G,) tensor)
 Bucket = tuple[int, torch.Tensor, torch.Tensor]  # (rank, tokens (M_r,), slots (M_r,))
 
 
@@ -47,6 +49,20 @@ class SlotBatch:
     segments: tuple[Segment, ...]  # runs with L·r > GATHER_MAX: positions in ``perm``, or tokens when perm is None
     perm: torch.Tensor | None  # (M_seg,) the segments' tokens grouped by slot; None when they index tokens directly
     buckets: tuple[Bucket, ...]  # the tokens of the other runs, by rank, for gather-BMM
+
+    @cached_property
+    def segment_groups(self) -> tuple[Group, ...]:
+        """``segments`` as groups of consecutive runs with one rank and one length (prefill of equal-length
+        prompts with distinct adapters: one group), each applied by one pair of ``torch.bmm``."""
+        groups: list[tuple[int, int, int, list[int]]] = []
+        for s, a, b, r in self.segments:
+            last = groups[-1] if groups else None
+            if last and last[0] == r and last[1] == b - a and last[2] + last[1] * len(last[3]) == a:
+                last[3].append(s)
+            else:
+                groups.append((r, b - a, a, [s]))
+        device = self.perm.device if self.perm is not None else None
+        return tuple((r, n, a, tuple(ss), torch.tensor(ss, dtype=torch.long, device=device)) for r, n, a, ss in groups)
 
     @property
     def num_slots(self) -> int:

@@ -39,18 +39,40 @@ def add_lora_delta_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     if not batch.segments:
         return
     if batch.perm is None:  # grouped: write straight into y's rows
-        for s, a, b, r in batch.segments:
-            if y.dtype == A.dtype:
-                y[a:b].addmm_(xs[a:b] @ A[s, :r].T, B[s, :, :r].T)  # (L, out) += (L, r)(r, out)
-            else:
-                y[a:b] += ((xs[a:b] @ A[s, :r].T) @ B[s, :, :r].T).to(y.dtype)  # (L, out)
+        _segment_deltas(y, xs, A, B, batch)
         return
     perm = _on(batch.perm, y.device)
     xp = xs.index_select(0, perm)  # (M_seg, in) grouped by slot
-    d = torch.empty(xp.shape[0], B.shape[1], dtype=A.dtype, device=y.device)  # (M_seg, out) rows all written
-    for s, a, b, r in batch.segments:
-        torch.mm(xp[a:b] @ A[s, :r].T, B[s, :, :r].T, out=d[a:b])  # (L, out) = (L, r)(r, out)
+    d = torch.zeros(xp.shape[0], B.shape[1], dtype=A.dtype, device=y.device)  # (M_seg, out)
+    _segment_deltas(d, xp, A, B, batch)
     y.index_add_(0, perm, d.to(y.dtype))
+
+
+def _segment_deltas(y: torch.Tensor, xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: SlotBatch) -> None:
+    """y[a:b] += (xs[a:b] @ A[s,:r]ᵀ) @ B[s,:,:r]ᵀ for every segment; a group of G equal runs is one bmm pair.
+
+    A group gathers its G slots' factors (G·r·(in + out) values; none when the slots are consecutive,
+    as when the engine's slots hold the batch's adapters in order) instead of paying G rounds of
+    dispatch (two small GEMMs and four views each, ~30 µs per run with 2 threads).
+    """
+    for r, n, a, slots, index in batch.segment_groups:
+        b = a + n * len(slots)
+        if len(slots) == 1:
+            h, Bt = xs[a:b] @ A[slots[0], :r].T, B[slots[0], :, :r].T  # (L, r), (r, out)
+            if y.dtype == A.dtype:
+                y[a:b].addmm_(h, Bt)  # (L, out) += (L, r)(r, out)
+            else:
+                y[a:b] += (h @ Bt).to(y.dtype)
+            continue
+        first, count = slots[0], len(slots)
+        if slots == tuple(range(first, first + count)):  # consecutive slots: the buffers' own rows, no copy
+            Ag, Bg = A[first : first + count, :r], B[first : first + count, :, :r]  # (G, r, in), (G, out, r)
+        else:
+            index = _on(index, y.device)
+            Ag, Bg = A[:, :r].index_select(0, index), B[:, :, :r].index_select(0, index)
+        h = torch.bmm(xs[a:b].reshape(-1, n, xs.shape[1]), Ag.transpose(1, 2))  # (G, L, r)
+        d = torch.bmm(h, Bg.transpose(1, 2))  # (G, L, out)
+        y[a:b] += d.view(b - a, -1).to(y.dtype)
 
 
 def add_compressed_delta_(
