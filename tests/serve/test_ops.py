@@ -171,6 +171,13 @@ def test_equal_length_runs_go_as_groups_and_equal_the_reference(path):
     assert [g[3] for g in SlotBatch.build(consecutive, even, path="segments").segment_groups] == [(0, 1, 2, 3, 4, 5)]
     lora_close(consecutive, path, A=A, B=B, ranks=even)
     lora_close(consecutive.flip(0), path, A=A, B=B, ranks=even)  # 5, 4, ..., 0: gathered
+    x = torch.randn(30, D_IN, generator=torch.Generator().manual_seed(9))
+    expect = lora_delta_ref(x.double(), consecutive, A.double(), B.double(), even)
+    other = {torch.float32: torch.float64, torch.float64: torch.float32}  # buffers in a dtype other than y's
+    for y in (torch.zeros(D_OUT, 30).T, torch.zeros(30, D_OUT, dtype=torch.float64)):  # a strided y, then a float64 y
+        plan = SlotBatch.build(consecutive, even, path=path)
+        add_lora_delta_(y, x.to(y.dtype), A.to(other[y.dtype]), B.to(other[y.dtype]), plan)
+        torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5)
 
 
 def test_degenerate_inputs_leave_y_unchanged():

@@ -71,8 +71,10 @@ def _segment_deltas(y: torch.Tensor, xs: torch.Tensor, A: torch.Tensor, B: torch
             index = _on(index, y.device)
             Ag, Bg = A[:, :r].index_select(0, index), B[:, :, :r].index_select(0, index)
         h = torch.bmm(xs[a:b].reshape(-1, n, xs.shape[1]), Ag.transpose(1, 2))  # (G, L, r)
-        d = torch.bmm(h, Bg.transpose(1, 2))  # (G, L, out)
-        y[a:b] += d.view(b - a, -1).to(y.dtype)
+        if y.dtype == A.dtype and y.is_contiguous():
+            y[a:b].view(-1, n, y.shape[1]).baddbmm_(h, Bg.transpose(1, 2))  # (G, L, out) += (G, L, r)(G, r, out)
+        else:
+            y[a:b] += torch.bmm(h, Bg.transpose(1, 2)).view(b - a, -1).to(y.dtype)  # (L·G, out)
 
 
 def add_compressed_delta_(
