@@ -11,7 +11,6 @@ checked to agree before any timing. Prints one JSON object (see benchmarks/READM
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -21,6 +20,7 @@ import peft
 import torch
 
 import lorakit as lk
+from _common import emit
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, smollm2_shape
 
@@ -140,11 +140,7 @@ def main() -> None:
         # 1-min load average before and after; above --threads means other jobs shared the cores
         "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
-    text = json.dumps(result)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 import lorakit as lk
+from _common import emit
 from lorakit.train import TrainConfig, encode_rows, exact_match, mean_loss, task_examples, train
 from lorakit.train.data import pad_id
 from lorakit.train.run import RunSpec, calibration_batches
@@ -342,11 +343,7 @@ def main() -> None:
         plot(runs, targets, args.plot, title)
     if runs:
         log(table(runs))
-    text = json.dumps(result)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Logits are checked against PEFT's on the same weights before timing. Prints one 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 import peft
 import torch
 
+from _common import emit
 from lorakit.serve.compress import fit_module
 from lorakit.serve.engine import Engine
 from lorakit.serve.plan import CompressedSet
@@ -255,11 +255,7 @@ def main() -> None:  # noqa: C901 - one linear script
         "torch": torch.__version__,
         "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
-    text = json.dumps(result)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(result, args.json_out)
 
 
 def _empty_cache() -> Any:

@@ -25,7 +25,6 @@ so ``--threads 1`` gives the steadier comparison of paths. Prints one JSON objec
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as PeftLinear
 
+from _common import emit
 from lorakit.serve.ops import SlotBatch, add_compressed_delta_, add_lora_delta_
 from lorakit.serve.ops.batch import CORE_GATHER_MAX, GATHER_MAX
 
@@ -303,11 +303,7 @@ def main() -> None:
     result["reps"] = args.reps
     result["torch"] = torch.__version__
     result["loadavg_1min"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-    text = json.dumps(result)
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ AdamW lr 1e-4 (WORKLOADS.md "Training"). Three parts, one JSON object out:
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import peft
 import torch
 
 import lorakit as lk
+from _common import emit
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, smollm2_shape
 from lorakit.train.loss import training_loss
@@ -164,10 +164,7 @@ def main() -> None:
         "steps_per_rep": args.steps,
         "peak_rss_this_process_mb": peak_rss_kib() / 1024,
     }
-    text = json.dumps(result)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    emit(result, args.json_out)
 
 
 if __name__ == "__main__":
