@@ -1,15 +1,16 @@
 """LoRA training throughput and peak memory: lorakit vs PEFT, same model, same adapter, same batch.
 
 Workload `smollm2-shape` (random weights), B=4 × T=128 tokens, LoRA r=16, alpha=32, all-linear,
-AdamW lr 1e-4 (WORKLOADS.md "Training"). Three parts, one JSON object out:
+AdamW lr 1e-4 (WORKLOADS.md "Training"; lorakit's optimiser as `lorakit train` builds it).
+Three parts, one JSON object out:
 
 1. parity: both sides start from the same adapter weights with dropout 0 and take the same
    steps; their losses must agree to 1e-4 relative;
 2. speed: with dropout 0.05, steps are timed interleaved (A B C A B C ...) in one process, after a
    warm-up step; tokens/s is the median over repetitions. Sides: `lorakit` (lorakit's training
    step, as `lorakit train` runs it: the loss through `train/loss.py`'s fused head), PEFT (the
-   model's own loss), and `lorakit_model_loss` (lorakit's adapters with the model's own loss: the
-   adapter implementations alone compared);
+   model's own loss), and `lorakit_model_loss` (lorakit's adapters and optimiser with the model's own
+   loss: lorakit's step without its fused head);
 3. memory: peak RSS of a fresh process per side doing the same steps (resource.getrusage).
 
     .venv/bin/python benchmarks/train_throughput.py [--layers 30] [--steps 5] [--reps 3] [--threads 2]
@@ -33,9 +34,11 @@ import lorakit as lk
 from _common import emit
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, smollm2_shape
+from lorakit.train.loop import TrainConfig
 from lorakit.train.loss import training_loss
+from lorakit.train.optim import build_optimizer
 
-B, T, R, ALPHA, LR = 4, 128, 16, 32.0, 1e-4
+B, T, R, ALPHA, LR, WD = 4, 128, 16, 32.0, 1e-4, 0.0
 
 
 def build(side: str, layers: int, dropout: float, init_dir: Path) -> torch.nn.Module:
@@ -76,8 +79,12 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, 
     return float(loss)
 
 
-def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+def optimizer(model: torch.nn.Module, side: str) -> torch.optim.Optimizer:
+    """AdamW on both sides: lorakit's as ``lorakit train`` builds it (fused kernel where it runs), and
+    torch's default (foreach) as a PEFT user builds it."""
+    if side == "lorakit":
+        return build_optimizer(model, TrainConfig(lr=LR, weight_decay=WD))
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WD)
 
 
 def peak_rss_kib() -> int:
@@ -95,7 +102,7 @@ def rss_child(side: str, layers: int, steps: int, init_dir: Path) -> int:
     code = (
         f"import sys, torch; sys.path.insert(0, {here!r}); import train_throughput as t; "
         f"torch.set_num_threads(2); m = t.build({side!r}, {layers}, 0.05, t.Path({str(init_dir)!r})); "
-        f"o = t.optimizer(m); [t.step(m, o, t.batch(i), {side == 'lorakit'}) for i in range({steps + 1})]; "
+        f"o = t.optimizer(m, {side!r}); [t.step(m, o, t.batch(i), {side == 'lorakit'}) for i in range({steps + 1})]; "
         "print(t.peak_rss_kib())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -119,7 +126,7 @@ def main() -> None:
     for side in ("lorakit", "peft"):
         torch.manual_seed(0)
         model = build(side, args.layers, 0.0, init_dir)
-        opt = optimizer(model)
+        opt = optimizer(model, side)
         losses[side] = [step(model, opt, batch(i), side == "lorakit") for i in range(3)]
         del model, opt
     rel = max(abs(a - b) / abs(b) for a, b in zip(losses["lorakit"], losses["peft"], strict=True))
@@ -127,7 +134,7 @@ def main() -> None:
     # 2. speed: interleaved, dropout 0.05
     models = {side: build(side, args.layers, 0.05, init_dir) for side in ("lorakit", "peft")}
     models["lorakit_model_loss"] = models["lorakit"]  # the same adapters, trained on by both lorakit sides
-    opts = {side: optimizer(m) for side, m in models.items() if side != "lorakit_model_loss"}
+    opts = {side: optimizer(m, side) for side, m in models.items() if side != "lorakit_model_loss"}
     opts["lorakit_model_loss"] = opts["lorakit"]
     for side in models:
         step(models[side], opts[side], batch(0), side == "lorakit")  # warm-up

@@ -95,6 +95,12 @@ def test_drop_positions_edge_cases():
             drop_positions(10, bad)
 
 
+def test_a_uniform_draw_of_zero_drops_nothing_rather_than_overflowing(monkeypatch):
+    """V = 0 (odds 2⁻⁵³ per draw) gives log V = -inf: the gap is clamped to n + 1, past the range."""
+    monkeypatch.setattr(torch, "rand", lambda m, dtype=None, device=None: torch.zeros(m, dtype=dtype))
+    assert drop_positions(1000, 0.3).numel() == 0
+
+
 def test_fused_dropout_is_unbiased_and_drops_at_rate_p():
     torch.manual_seed(0)
     W, A, B = torch.randn(6, 8), torch.randn(3, 8), torch.randn(6, 3)

@@ -362,9 +362,9 @@ def test_a_failed_generation_is_a_500_with_the_engines_message(world, monkeypatc
 
         monkeypatch.setattr(engine, "_decode", broken_decode)  # prefill works, the first decode step fails
         with pytest.raises(openai.InternalServerError) as info:
-            client(url).completions.create(model="a", prompt=PROMPT, max_tokens=4)
+            client(url).completions.create(model="a", prompt=PROMPT, max_tokens=4, temperature=0)  # no EOS at prefill
         assert "decode exploded" in info.value.body["message"] and info.value.body["type"] == "server_error"
-        body = {"model": "a", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+        body = {"model": "a", "prompt": PROMPT, "max_tokens": 4, "stream": True, "temperature": 0}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=TIMEOUT) as r:
             lines = [line for line in r.iter_lines() if line]
         assert "decode exploded" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"

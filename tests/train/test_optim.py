@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import lorakit as lk
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.loop import TrainConfig
-from lorakit.train.optim import build_optimizer, lorafa_grad, loraplus_groups
+from lorakit.train.optim import adamw, build_optimizer, lorafa_grad, loraplus_groups
 
 X = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(5))
 
@@ -103,3 +103,25 @@ def test_every_optimizer_trains_only_adapters(optimizer):
     params = {id(p) for g in opt.param_groups for p in g["params"]}
     adapter_ids = {id(p) for n, p in model.named_parameters() if ".adapters." in n}
     assert params and params <= adapter_ids
+
+
+def test_adamw_takes_the_fused_kernel_where_it_runs_with_the_same_update():
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    opt = adamw(ours, lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"] is True
+    for step in range(3):
+        for a, b in zip(ref, ours, strict=True):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step))
+            b.grad = a.grad.clone()
+        opt_ref.step()
+        opt.step()
+    for a, b in zip(ref, ours, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    meta = torch.nn.Parameter(torch.empty(2, device="meta"))  # no fused kernel there: torch's default path
+    assert not adamw([meta], lr=1e-3, weight_decay=0.0).defaults["fused"]
+    model = tiny_llama()
+    lk.attach(model, lk.method_config("lora", r=4), targets=["q_proj"])
+    assert all(g["fused"] for g in build_optimizer(model, TrainConfig(optimizer="loraplus")).param_groups)

@@ -15,8 +15,9 @@ Dropout from ~p·n random numbers instead of n: drawing one Bernoulli number per
 Bernoulli(p) sequence are the partial sums of i.i.d. Geometric(p) gaps, so :func:`drop_positions`
 draws only those (the same distribution as ``nn.Dropout``'s, from a different random stream).
 Only the K dropped indices are saved (8·p bytes per input element; a bool mask takes 1); the
-dropped input is rebuilt from them for the backward pass, in a reused buffer (``lorakit._buffers``),
-as is the LoRA part of the input gradient.
+dropped input is rebuilt from them for the backward pass, in a reused buffer (``lorakit._buffers``).
+The input gradient gets the LoRA part everywhere in one ``addmm_``, then the base part alone is
+written back at the dropped positions (gathered before the add): no (N, in) temporary.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def drop_positions(n: int, p: float, device: torch.device | None = None) -> torc
     """Sorted flat indices in [0, n) of an i.i.d. Bernoulli(p) draw over n elements (int64).
 
     Gaps between successive dropped positions are Geometric(p): G = ⌊log V / log(1-p)⌋ + 1 with V
-    uniform on (0, 1], drawn in float64 from torch's default generator (seeded runs repeat).
+    uniform on [0, 1), drawn in float64 from torch's default generator (seeded runs repeat).
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p!r}.")
@@ -45,13 +46,13 @@ def drop_positions(n: int, p: float, device: torch.device | None = None) -> torc
     chunks, end = [], -1  # end: the last position drawn so far
     while end < n:
         m = int(mean + 6 * sd + 16)  # enough to pass n with overwhelming probability; else draw on
-        v = 1.0 - torch.rand(m, dtype=torch.float64, device=device)  # (0, 1]
-        gaps = (v.log_() / log_q).floor_().add_(1).clamp_(max=n + 1).long()  # clamp: p so small that G > n
-        positions = gaps.cumsum_(0).add_(end)
+        v = torch.rand(m, dtype=torch.float64, device=device)  # [0, 1); V = 0 (odds 2⁻⁵³) gives G = n + 1
+        # float64 holds these integer sums exactly; the clamp keeps gaps finite when p is tiny or V = 0
+        positions = v.log_().div_(log_q).floor_().add_(1).clamp_(max=n + 1).cumsum_(0).add_(end)
         chunks.append(positions)
         end = int(positions[-1])
     positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-    return positions[: int(torch.searchsorted(positions, n))]
+    return positions[: int(torch.searchsorted(positions, n))].long()
 
 
 def _dropped(x2: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -96,11 +97,9 @@ class LoraLinearFn(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:
             gx = g @ W  # (N, in)
-            if idx is None:
-                gx.addmm_(gh, A, alpha=keep)
-            else:
-                lora_part = torch.mm(gh, A, out=scratch(gx.shape, gx.dtype, gx.device, slot=1))  # (N, in)
-                lora_part.view(-1).index_fill_(0, idx, 0.0)
-                gx.add_(lora_part, alpha=keep)
+            base_at_dropped = None if idx is None else gx.view(-1)[idx]  # the LoRA adds nothing there
+            gx.addmm_(gh, A, alpha=keep)
+            if base_at_dropped is not None:
+                gx.view(-1).index_copy_(0, idx, base_at_dropped)
             gx = gx.view(ctx.shape)
         return gx, None, None, gA, gB, None, None

@@ -58,12 +58,15 @@ class LinearCrossEntropyFn(torch.autograd.Function):
             z = _logits(h[chunk], W, bias)  # (rows, V), float32
             target = labels[chunk].clamp(min=0)[:, None]
             keep = valid[chunk]
-            lse = torch.logsumexp(z, dim=1)  # (rows,)
-            total += ((lse - z.gather(1, target).squeeze(1)) * keep).sum()
-            if grad_h is not None:  # softmax − one-hot, over the supervised rows, / count
-                z.sub_(lse[:, None]).exp_().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=z.dtype))
-                z.mul_((keep / count)[:, None])
-                torch.mm(z.to(W.dtype), W, out=grad_h[chunk])  # (rows, d)
+            picked = z.gather(1, target).squeeze(1)  # (rows,) the target logits, before z is overwritten
+            top = z.amax(dim=1, keepdim=True)  # (rows, 1)
+            e = z.sub_(top).exp_()  # in place: torch.logsumexp takes a fresh (rows, V) temporary
+            sums = e.sum(dim=1)  # (rows,)
+            total += ((top.squeeze(1) + sums.log() - picked) * keep).sum()  # logsumexp − target logit
+            if grad_h is not None:  # (softmax − one-hot) · keep / count, formed in e
+                weight = keep / count  # (rows,)
+                e.mul_((weight / sums)[:, None]).scatter_add_(1, target, -weight[:, None])
+                torch.mm(e.to(W.dtype), W, out=grad_h[chunk])  # (rows, d)
         ctx.save_for_backward(grad_h)
         return total / count
 

@@ -115,15 +115,25 @@ def lorafa_groups(model: nn.Module) -> list[dict[str, Any]]:
     return [{"params": params, "projectors": projectors}]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def adamw(params: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW, with its fused kernel where every parameter allows it: the same update in one
+    pass per tensor (on CPU, 6 ms instead of 20 for SmolLM2's 420 rank-16 tensors), else foreach."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES for p in tensors)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "lorafa":
         return LoraFA(lorafa_groups(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "loraplus":
-        return torch.optim.AdamW(
-            loraplus_groups(model, cfg.lr, cfg.loraplus_ratio), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return adamw(loraplus_groups(model, cfg.lr, cfg.loraplus_ratio), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adamw((p for p in model.parameters() if p.requires_grad), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
