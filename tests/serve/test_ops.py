@@ -180,6 +180,33 @@ def test_equal_length_runs_go_as_groups_and_equal_the_reference(path):
         torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5)
 
 
+def test_scattered_slots_in_a_short_span_are_read_in_place_and_equal_the_reference():
+    """A group whose slots are not consecutive but lie within SPAN_MAX·G slots (decode of distinct adapters
+    in request order: a permutation of the slots) reads that span of the buffers in place; an idle slot's
+    contents never reach a used row."""
+    even = [8] * 10
+    A, B = bank(even)
+    A[6], B[6] = float("nan"), float("nan")  # slot 6 lies in the span but no token uses it
+    perm = torch.tensor([5, 3, 4, 7, 2])  # slots 2..7: a span of 6 ≤ 2·5, slot 6 idle
+    for n in (1, 3):  # decode (one token per run), then runs of 3 tokens
+        slots = perm.repeat_interleave(n)
+        plan = SlotBatch.build(slots, even, path="segments")
+        assert [g[3] for g in plan.segment_groups] == [(5, 3, 4, 7, 2)]
+        ((lo, width, used, unused),) = plan.group_spans
+        assert (lo, width, used.tolist(), unused.tolist()) == (2, 6, [3, 1, 2, 5, 0], [4])
+        lora_close(slots, "segments", A=A, B=B, ranks=even)
+        x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(n))
+        expect = lora_delta_ref(x.double(), slots, A.double(), B.double(), even)
+        for y in (torch.zeros(D_OUT, len(slots)).T, torch.zeros(len(slots), D_OUT, dtype=torch.float64)):
+            add_lora_delta_(y, x.to(y.dtype), A, B, plan)  # a strided y, then one in another dtype
+            torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5)
+    sparse = torch.tensor([0, 9, 5])  # a span of 10 > 2·3 slots: gathered instead
+    assert SlotBatch.build(sparse, even, path="segments").group_spans == (None,)
+    lora_close(sparse, "segments", A=A, B=B, ranks=even)
+    consecutive = torch.tensor([3, 4, 5])  # already in order: read as they are
+    assert SlotBatch.build(consecutive, even, path="segments").group_spans == (None,)
+
+
 def test_degenerate_inputs_leave_y_unchanged():
     A, B = bank(RANKS)
     for slots in (torch.zeros(0, dtype=torch.long), torch.full((7,), -1), torch.tensor([2, 11, 2, -1])):  # ranks 0
