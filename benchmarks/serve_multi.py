@@ -13,7 +13,10 @@ Per phase, interleaved (one repetition runs every side once, in the same order),
   rank --shared-rank per module, served from per-adapter cores;
 - peft16 / peft64: PEFT with 64 adapters loaded, the batch split with ``adapter_names=``.
 
-Logits are checked against PEFT's on the same weights before timing. Prints one JSON object.
+Every side's output head gets a contiguous input, as lorakit's engine gives its own
+(``serve.engine.contiguous_head``): transformers slices the last position as a strided view, which
+torch's matmul runs ~9× slower; left in, it was ~40 % of every side's prefill and diluted each
+ratio. Logits are checked against PEFT's on the same weights before timing. Prints one JSON object.
 
     .venv/bin/python benchmarks/serve_multi.py [--layers 6] [--rank 16] [--batch 64] [--seq 32] [--reps 3]
 """
@@ -34,7 +37,7 @@ import torch
 
 from _common import emit
 from lorakit.serve.compress import fit_module
-from lorakit.serve.engine import Engine
+from lorakit.serve.engine import Engine, contiguous_head
 from lorakit.serve.plan import CompressedSet
 from lorakit.testing import smollm2_shape
 
@@ -132,9 +135,10 @@ def main() -> None:  # noqa: C901 - one linear script
     engine.collections.append(coll)
     engine.compressed.update({f"c{i}": (0, i) for i in range(args.registered)})
     log(f"registered {args.registered} adapters in {register_s:.1f} s, compressed in {compress_s:.1f} s")
-    base = smollm2_shape(L, args.seed).requires_grad_(False)
-    merged = merged_model(L, args.seed, factors[0])
+    base = contiguous_head(smollm2_shape(L, args.seed).requires_grad_(False))
+    merged = contiguous_head(merged_model(L, args.seed, factors[0]))
     peft_model = build_peft(L, args.seed, factors[:64], r)
+    contiguous_head(peft_model.get_base_model())  # every side's head as the engine's (see the module doc)
     log(f"PEFT with 64 adapters built at {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, 49152, (B, T), generator=g)
@@ -224,6 +228,7 @@ def main() -> None:  # noqa: C901 - one linear script
     zipf_distinct = statistics.median(distinct)
     result = {
         "workload": "serve_multi",
+        "head": "contiguous input on every side",
         "shape": "smollm2-shape" if L == 30 else f"smollm2-shape-{L}L",
         "rank": r,
         "batch": B,

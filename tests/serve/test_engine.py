@@ -9,7 +9,7 @@ import torch
 
 import lorakit as lk
 from lorakit.errors import AdapterFormatError, ConfigError
-from lorakit.serve.engine import Engine
+from lorakit.serve.engine import Engine, contiguous_head
 from lorakit.serve.requests import Request
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 
@@ -70,6 +70,21 @@ def test_forward_mixed_batch_equals_each_adapter_merged_alone(served):
         with torch.no_grad():
             want = served[2][name](ids[b : b + 1]).logits[0]
         torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_head_reads_a_contiguous_input_with_the_same_logits(served):
+    """transformers slices the last position, hidden[:, -1:, :], a strided view that torch's matmul runs
+    as a slow expanded bmm; the engine's head gets a contiguous copy (serve/engine.contiguous_head)."""
+    engine = engine_for(served)
+    seen: list[bool] = []
+    engine.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    names = ["a", None, "c"]
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(2))
+    last = engine.forward(ids, names, keep=1)
+    assert seen and all(seen)
+    torch.testing.assert_close(last[:, -1], engine.forward(ids, names)[:, -1], rtol=1e-5, atol=1e-5)
+    assert contiguous_head(engine.model) is engine.model  # a second call adds no second hook
+    assert len(engine.model.get_output_embeddings()._forward_pre_hooks) == 2
 
 
 def test_generate_mixed_batch_token_for_token(served):

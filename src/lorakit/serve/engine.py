@@ -65,6 +65,7 @@ class Engine:
         self.cache = AdapterCache(self.bank, self._load_factors, state_dir)
         self.router = Router()
         self.router.install(self.model, list(dims))
+        contiguous_head(self.model)
         self.max_batch = max_batch
         self.eos = self._eos_ids()
         self.lock = threading.RLock()  # the model: one forward (or adapter conversion) at a time
@@ -422,3 +423,25 @@ class Engine:
     @staticmethod
     def check_name(name: str) -> str:
         return check_name(name)
+
+
+def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def contiguous_head(model: nn.Module) -> nn.Module:
+    """Give the model's output head a contiguous input (once; returns the model).
+
+    transformers computes the last position's logits as ``lm_head(hidden[:, -1:, :])``, a strided
+    (B, 1, d) slice, and torch's matmul runs that as a bmm over an expanded weight: 301 ms instead of
+    34 ms for 64 rows and SmolLM2's 49k × 576 head on 2 CPU threads, 40 % of a 64 × 32-token prefill.
+    Copying the slice (B·d values) first takes the plain GEMM.
+    """
+    get_head: Any = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, nn.Module) and not getattr(head, "_lorakit_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._lorakit_contiguous_input = True  # type: ignore[assignment]
+    return model
