@@ -192,7 +192,8 @@ def test_scattered_slots_in_a_short_span_are_read_in_place_and_equal_the_referen
         slots = perm.repeat_interleave(n)
         plan = SlotBatch.build(slots, even, path="segments")
         assert [g[3] for g in plan.segment_groups] == [(5, 3, 4, 7, 2)]
-        ((lo, width, used, unused),) = plan.group_spans
+        ((consecutive, (lo, width, used, unused)),) = plan.group_reads
+        assert not consecutive
         assert (lo, width, used.tolist(), unused.tolist()) == (2, 6, [3, 1, 2, 5, 0], [4])
         lora_close(slots, "segments", A=A, B=B, ranks=even)
         x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(n))
@@ -201,10 +202,10 @@ def test_scattered_slots_in_a_short_span_are_read_in_place_and_equal_the_referen
             add_lora_delta_(y, x.to(y.dtype), A, B, plan)  # a strided y, then one in another dtype
             torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5)
     sparse = torch.tensor([0, 9, 5])  # a span of 10 > 2·3 slots: gathered instead
-    assert SlotBatch.build(sparse, even, path="segments").group_spans == (None,)
+    assert SlotBatch.build(sparse, even, path="segments").group_reads == ((False, None),)
     lora_close(sparse, "segments", A=A, B=B, ranks=even)
     consecutive = torch.tensor([3, 4, 5])  # already in order: read as they are
-    assert SlotBatch.build(consecutive, even, path="segments").group_spans == (None,)
+    assert SlotBatch.build(consecutive, even, path="segments").group_reads == ((True, None),)
 
 
 def test_degenerate_inputs_leave_y_unchanged():

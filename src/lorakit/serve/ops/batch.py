@@ -45,6 +45,7 @@ place, the unused slots' rows idle, instead of gathering its G slots' factors: a
 Segment = tuple[int, int, int, int]  # (slot, start, stop, rank)
 Span = tuple[int, int, torch.Tensor, torch.Tensor]  # (first slot, span, used rows (G,), unused rows (span - G,))
 Group = tuple[int, int, int, tuple[int, ...], torch.Tensor]  # (rank, run length L, start, slots, slots as (G,) tensor)
+Read = tuple[bool, Span | None]  # (slots consecutive, span read in place); see SlotBatch.group_reads
 Bucket = tuple[int, torch.Tensor, torch.Tensor]  # (rank, tokens (M_r,), slots (M_r,))
 
 
@@ -73,18 +74,22 @@ class SlotBatch:
         return tuple((r, n, a, tuple(ss), torch.tensor(ss, dtype=torch.long, device=device)) for r, n, a, ss in groups)
 
     @cached_property
-    def group_spans(self) -> tuple[Span | None, ...]:
-        """Per group of ``segment_groups``: how to read its slots' factors in place (see ``SPAN_MAX``), or
-        None where they are consecutive already (read as they are) or too sparse (gathered)."""
-        out: list[Span | None] = []
+    def group_reads(self) -> tuple[Read, ...]:
+        """Per group of ``segment_groups``, how its slots' factors are read, decided once for every module:
+        (True, None) consecutive slots, the buffers' own rows; (False, span) a short span read in place
+        (see ``SPAN_MAX``); (False, None) too sparse, gathered."""
+        out: list[Read] = []
         for r, n, _, slots, index in self.segment_groups:
             lo, count = min(slots), len(slots)
             span = max(slots) - lo + 1
-            if slots == tuple(range(slots[0], slots[0] + count)) or span > SPAN_MAX * count or span * n > count * r:
-                out.append(None)
-                continue
-            unused = sorted(set(range(lo, lo + span)) - set(slots))
-            out.append((lo, span, index - lo, torch.tensor(unused, dtype=torch.long, device=index.device) - lo))
+            if slots == tuple(range(slots[0], slots[0] + count)):
+                out.append((True, None))
+            elif span > SPAN_MAX * count or span * n > count * r:
+                out.append((False, None))
+            else:
+                unused = sorted(set(range(lo, lo + span)) - set(slots))
+                idle = torch.tensor(unused, dtype=torch.long, device=index.device) - lo
+                out.append((False, (lo, span, index - lo, idle)))
         return tuple(out)
 
     @property

@@ -8,7 +8,7 @@ forward by :class:`SlotBatch`, every adapted token takes one of two paths:
   no weight copies; tokens not grouped by slot are gathered once (``perm``) and their deltas
   scattered back with one ``index_add_``. Consecutive runs of one rank and length go as one bmm pair,
   reading the slot buffers in place when their slots are consecutive or lie in a short span
-  (``SlotBatch.group_spans``), else from a gather into a reused buffer.
+  (``SlotBatch.group_reads``), else from a gather into a reused buffer.
 - gather-BMM (the other runs, per rank bucket): each token's A and B rows are gathered and applied by
   two ``torch.bmm`` — no Python loop over slots, which wins when runs are one token long (decode).
 
@@ -61,7 +61,7 @@ def _segment_deltas(y: torch.Tensor, xs: torch.Tensor, A: torch.Tensor, B: torch
     as when the engine's slots hold the batch's adapters in order) instead of paying G rounds of
     dispatch (two small GEMMs and four views each, ~30 µs per run with 2 threads).
     """
-    for (r, n, a, slots, index), span in zip(batch.segment_groups, batch.group_spans, strict=True):
+    for (r, n, a, slots, index), (consecutive, span) in zip(batch.segment_groups, batch.group_reads, strict=True):
         b = a + n * len(slots)
         if len(slots) == 1:
             h, Bt = xs[a:b] @ A[slots[0], :r].T, B[slots[0], :, :r].T  # (L, r), (r, out)
@@ -70,11 +70,11 @@ def _segment_deltas(y: torch.Tensor, xs: torch.Tensor, A: torch.Tensor, B: torch
             else:
                 y[a:b] += (h @ Bt).to(y.dtype)
             continue
-        first, count = slots[0], len(slots)
         if span is not None:
             _span_group(y[a:b], xs[a:b], A[:, :r], B[:, :, :r], n, span)
             continue
-        if slots == tuple(range(first, first + count)):  # consecutive slots: the buffers' own rows, no copy
+        if consecutive:  # the buffers' own rows, no copy
+            first, count = slots[0], len(slots)
             Ag, Bg = A[first : first + count, :r], B[first : first + count, :, :r]  # (G, r, in), (G, out, r)
         else:
             index = _on(index, y.device)
