@@ -159,6 +159,26 @@ def test_remove_under_traffic_and_registry_persistence(served, tmp_path):
     assert again.adapters() == ["b"]
 
 
+def test_preload_puts_adapters_in_slots_before_traffic(served):
+    engine = engine_for(served, max_slots=3)
+    engine.preload(["a", "b", "a", None])
+    assert engine.cache.stats.loads == 2 and set(engine.cache.slot_of) == {"a", "b"}
+    assert not engine.cache.pins  # nothing stays pinned
+    ids = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(2))
+    got = engine.forward(ids, ["b", "a", "b"])
+    assert engine.cache.stats.loads == 2  # the batch found them resident
+    for b, name in enumerate(["b", "a", "b"]):
+        with torch.no_grad():
+            torch.testing.assert_close(got[b], served[2][name](ids[b : b + 1]).logits[0], rtol=1e-4, atol=1e-4)
+    engine.preload(["c", "d", "a"])  # all three pinned together: none evicts another
+    assert set(engine.cache.slot_of) == {"a", "c", "d"} and engine.cache.stats.loads == 4  # only c and d copied
+    with pytest.raises(ConfigError, match="cannot preload 4 adapters into 3 slots"):
+        engine.preload(["a", "b", "c", "d"])
+    with pytest.raises(ConfigError, match="unknown adapter 'nope'"):
+        engine.preload(["nope"])
+    assert not engine.cache.pins
+
+
 def test_bad_adapters_get_clear_errors(served, tmp_path):
     base = served[0]
     engine = Engine(copy.deepcopy(base))

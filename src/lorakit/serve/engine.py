@@ -133,6 +133,18 @@ class Engine:
                 self.compressed[n] = (len(self.collections) - 1, i)
         return list(coll.names)
 
+    def preload(self, names: list[str]) -> None:
+        """Copy registered adapters into slots now (e.g. the popular ones before traffic starts), so the
+        batches that use them next do not pay the copies; LRU eviction goes on as usual afterwards.
+        Compressed adapters need no slot. At most ``max_slots`` names."""
+        reqs = [Request([0], n, max_new_tokens=1) for n in dict.fromkeys(names) if n not in self.compressed]
+        if len(reqs) > self.bank.max_slots:
+            raise ConfigError(f"cannot preload {len(reqs)} adapters into {self.bank.max_slots} slots; name fewer.")
+        reqs.sort(key=lambda r: r.adapter not in self.cache.slot_of)  # resident ones pinned first: never evicted
+        self._bind(reqs)  # every one pinned at once, so none evicts another
+        for r in reqs:
+            self._unbind(r)
+
     def adapters(self) -> list[str]:
         """Every adapter name a request can use (registered and compressed)."""
         return sorted([*self.cache.names(), *self.compressed])
@@ -429,6 +441,9 @@ def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ..
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
         return (args[0].contiguous(), *args[1:])
     return None
+
+
+_contiguous_input.lorakit_layout_only = True  # type: ignore[attr-defined]  # values unchanged: train's fused loss may skip it
 
 
 def contiguous_head(model: nn.Module) -> nn.Module:
