@@ -173,6 +173,30 @@ def test_streams_join_to_the_full_answer(live):
     assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
 
 
+def test_a_list_of_prompts_and_n_choices_each(live):
+    engine, url = live
+    prompts = [PROMPT, "Other words", engine.encode("ids too")]
+    want = engine.generate(prompts, ["b"] * 3, max_new_tokens=7)
+    got = client(url).completions.create(model="b", prompt=prompts, n=2, max_tokens=7, temperature=0)
+    assert [c.index for c in got.choices] == list(range(6))  # prompt p's choice j at p·n + j, as OpenAI's
+    assert [(c.text, c.finish_reason) for c in got.choices] == [(w.text, w.finish_reason) for w in want for _ in "jj"]
+    assert got.usage.prompt_tokens == sum(len(engine.encode(p)) if isinstance(p, str) else len(p) for p in prompts)
+    assert got.usage.completion_tokens == 2 * sum(len(w.token_ids) for w in want)
+    stream = client(url).completions.create(model="b", prompt=prompts, n=2, max_tokens=7, temperature=0, stream=True)
+    texts, finished = [""] * 6, {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
+    assert texts == [c.text for c in got.choices] and finished == {c.index: c.finish_reason for c in got.choices}
+    turns = [{"role": "user", "content": "hi"}]
+    chat = client(url).chat.completions.create(model="c", messages=turns, n=3, max_tokens=5, temperature=0)
+    one = client(url).chat.completions.create(model="c", messages=turns, max_tokens=5, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert {c.message.content for c in chat.choices} == {one.choices[0].message.content}
+
+
 def test_raw_sse_ends_with_done_and_can_carry_usage(live):
     _, url = live
     body = {
@@ -252,7 +276,9 @@ def test_adapter_paths_cannot_leave_the_adapters_dir(live, world, tmp_path):
 BAD = [  # (endpoint, body, the field the error names)
     ("completions", b"{not json", None),
     ("completions", b"[1, 2]", None),
-    ("completions", {"prompt": PROMPT, "n": 2}, "n"),
+    ("completions", {"prompt": PROMPT, "n": 0}, "n"),
+    ("completions", {"prompt": PROMPT, "n": 65}, "n"),
+    ("completions", {"prompt": [PROMPT] * 9, "n": 8}, "n"),  # 72 completions, over MAX_CHOICES
     ("completions", {"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
     ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": PROMPT, "temperature": -1}, "temperature"),
@@ -265,7 +291,10 @@ BAD = [  # (endpoint, body, the field the error names)
     ("completions", {"prompt": PROMPT, "model": 3}, "model"),
     ("completions", {}, "prompt"),
     ("completions", {"prompt": ""}, "prompt"),
-    ("completions", {"prompt": ["one", "two"]}, "prompt"),
+    ("completions", {"prompt": ["one", 5]}, "prompt"),
+    ("completions", {"prompt": ["one", ""]}, "prompt[1]"),
+    ("completions", {"prompt": ["one", [1, 999]]}, "prompt[1]"),
+    ("completions", {"prompt": [PROMPT] * 65}, "prompt"),
     ("completions", {"prompt": [1, 999]}, "prompt"),
     ("completions", {"prompt": "x" * 65}, "prompt"),  # over --max-prompt-tokens 64
     ("completions", {"prompt": "x" * 60, "max_tokens": 200}, "max_tokens"),  # past the model's 256 positions
@@ -344,6 +373,8 @@ def test_a_full_queue_is_429_and_waiting_requests_still_finish(world):
         with pytest.raises(openai.RateLimitError) as info:
             client(url).completions.create(model="a", prompt=PROMPT, max_tokens=2)
         assert info.value.body["code"] == "queue_full" and "--max-queue 1" in info.value.body["message"]
+        two = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "n": 2}, timeout=TIMEOUT)
+        assert two.status_code == 400 and "queues at most 1" in two.json()["error"]["message"]
         engine.start()
         thread.join(TIMEOUT)
         assert waiting["r"].status_code == 200

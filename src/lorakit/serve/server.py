@@ -5,7 +5,8 @@
     run(create_app(engine, adapters_dir="adapters", api_key="KEY"))
 
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (the ``model`` field names
-the adapter; "base", the base's own name or no model: the base), both streaming as server-sent
+the adapter; "base", the base's own name or no model: the base; several prompts and ``n`` choices
+each become one engine request per choice, batched together), both streaming as server-sent
 events in OpenAI's chunk format ending with ``data: [DONE]``; ``GET /v1/models``; ``POST
 /v1/adapters`` ``{"name", "path"}``; ``DELETE /v1/adapters/{name}``; ``GET /health``; ``GET
 /metrics`` (Prometheus text, ``serve/metrics.py``). Errors have OpenAI's shape (``serve/wire.py``):
@@ -14,10 +15,10 @@ path outside the adapters dir, 404 an unknown model or adapter, 409 a name alrea
 queue is full, 500 a failed generation (with the engine's message). A bad request never stops
 the server.
 
-The engine decodes in its own thread (the app's lifespan starts and stops it). Each request gives
-the engine callbacks that put every final piece of text, then ``None`` for "done", on an asyncio
-queue through ``loop.call_soon_threadsafe``; handlers await that queue, so the event loop never
-blocks on generation.
+The engine decodes in its own thread (the app's lifespan starts and stops it). Each engine request
+gets callbacks that put ``(choice, piece)`` for every final piece of text, then ``(choice, None)``
+for "done", on its HTTP request's asyncio queue through ``loop.call_soon_threadsafe``; handlers
+await that queue, so the event loop never blocks on generation.
 """
 
 from __future__ import annotations
@@ -42,7 +43,17 @@ from lorakit.serve.cache import check_name
 from lorakit.serve.engine import Engine
 from lorakit.serve.metrics import ServerMetrics
 from lorakit.serve.requests import Request
-from lorakit.serve.wire import ApiError, Job, json_body, messages, refuse_unsupported, sampling, sse
+from lorakit.serve.wire import (
+    MAX_CHOICES,
+    ApiError,
+    Job,
+    completion_prompts,
+    json_body,
+    messages,
+    refuse_unsupported,
+    sampling,
+    sse,
+)
 
 BASE_ALIASES = ("", "base")
 LIST_HINT = "GET /v1/models lists the served models; POST /v1/adapters registers one."
@@ -53,13 +64,13 @@ DEFAULT_CHAT_MAX_TOKENS = 512  # /v1/chat/completions: at most this, and what th
 class _DoneEvent(threading.Event):
     """A request's ``done`` event that also tells the server's event loop when the engine sets it."""
 
-    def __init__(self, notify: Callable[[str | None], None]):
+    def __init__(self, notify: Callable[[], None]):
         super().__init__()
         self._notify = notify
 
     def set(self) -> None:
         super().set()
-        self._notify(None)
+        self._notify()
 
 
 class _Server:
@@ -115,24 +126,6 @@ class _Server:
 
     # ---- prompts ----
 
-    def completion_prompt(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            try:
-                return self.engine.encode(prompt)
-            except ConfigError as e:
-                raise ApiError(400, str(e), param="prompt") from None
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab]
-            if bad:
-                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab}).", "prompt")
-            return list(prompt)
-        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-            msg = f"a list of {len(prompt)} prompts is not supported; send one request per prompt."
-            raise ApiError(400, msg, param="prompt")
-        raise ApiError(400, "prompt is required: a non-empty string or a list of token ids.", param="prompt")
-
     def chat_prompt(self, turns: Any) -> list[int]:
         turns = messages(turns)
         tok = self.engine.tokenizer
@@ -164,47 +157,69 @@ class _Server:
     # ---- generation ----
 
     def submit(self, body: dict[str, Any], *, chat: bool) -> Job:
-        """Check ``body`` and queue its request on the engine (429 when ``max_queue`` requests wait)."""
+        """Check ``body`` and queue its requests on the engine, one per choice (429 when the queue is full)."""
         refuse_unsupported(body)
         model = body.get("model")
         adapter = self.adapter_of(model)
-        ids = self.chat_prompt(body.get("messages")) if chat else self.completion_prompt(body.get("prompt"))
-        room = (self.max_positions or 2**31) - len(ids)
+        prompts = (
+            [(self.chat_prompt(body.get("messages")), "messages")]
+            if chat
+            else completion_prompts(body.get("prompt"), self.engine.encode, self.vocab)
+        )
+        room = (self.max_positions or 2**31) - max(len(ids) for ids, _ in prompts)
         default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, room)) if chat else DEFAULT_MAX_TOKENS
         opts = sampling(body, chat=chat, default_max_tokens=default)
-        self.check_length(len(ids), opts.max_tokens, "messages" if chat else "prompt")
-        waiting = self.engine.queue_depth()
-        if waiting >= self.max_queue:
-            msg = f"the server is busy: {waiting} requests are waiting (--max-queue {self.max_queue}); retry later."
-            raise ApiError(429, msg, code="queue_full")
+        for ids, param in prompts:
+            self.check_length(len(ids), opts.max_tokens, param)
+        self.check_room(len(prompts), opts.n)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
 
-        def notify(item: str | None) -> None:  # runs on the engine thread
+        def notify(item: tuple[int, str | None]) -> None:  # runs on the engine thread
             with contextlib.suppress(RuntimeError):  # the loop has closed: the server is shutting down
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        on_text = (lambda _req, piece: notify(piece)) if opts.stream else None
-        req = Request(
-            ids,
-            adapter,
-            opts.max_tokens,
-            opts.temperature,
-            opts.top_p,
-            opts.stop,
-            opts.seed,
-            on_text=on_text,
-            done=_DoneEvent(notify),
-        )
+        def request(ids: list[int], i: int, seed: int | None) -> Request:
+            on_text = (lambda _req, piece: notify((i, piece))) if opts.stream else None
+            done = _DoneEvent(lambda: notify((i, None)))
+            o = opts
+            return Request(ids, adapter, o.max_tokens, o.temperature, o.top_p, o.stop, seed, on_text=on_text, done=done)
+
+        # prompt p's choice j is reqs[p·n + j] and samples with seed + j: n different answers
+        seeds = [None if opts.seed is None else opts.seed + j for j in range(opts.n)]
+        reqs = [
+            request(ids, p * opts.n + j, seed) for p, (ids, _) in enumerate(prompts) for j, seed in enumerate(seeds)
+        ]
         try:
-            self.engine.submit(req)
+            for req in reqs:
+                self.engine.submit(req)
         except ConfigError:  # removed since it was checked
+            self.cancel(reqs)
             raise self.unknown_model(str(model)) from None
-        return Job(model or self.base_name, opts, req, queue, chat)
+        return Job(model or self.base_name, opts, reqs, queue, chat)
+
+    def check_room(self, prompts: int, n: int) -> None:
+        """A request of ``prompts × n`` choices fits MAX_CHOICES and, now, the queue (else a 429)."""
+        k = prompts * n
+        if k > MAX_CHOICES:
+            msg = f"this request asks for {k} completions ({prompts} prompts × n = {n}); send at most {MAX_CHOICES}."
+            raise ApiError(400, msg, param="n")
+        if k > self.max_queue > 0:
+            msg = f"this request asks for {k} completions; the server queues at most {self.max_queue} (--max-queue)."
+            raise ApiError(400, msg, param="n" if n > 1 else "prompt")
+        waiting = self.engine.queue_depth()
+        if waiting + k > self.max_queue:
+            msg = f"the server is busy: {waiting} requests are waiting (--max-queue {self.max_queue}); retry later."
+            raise ApiError(429, msg, code="queue_full")
+
+    def cancel(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            self.engine.cancel(req)
 
     def failure(self, job: Job) -> ApiError | None:
-        req = job.req
-        if req.finish_reason != "error":
+        """The error of the first choice that failed, if any did."""
+        req = next((r for r in job.reqs if r.finish_reason == "error"), None)
+        if req is None:
             return None
         if req.adapter is not None and not self.served(req.adapter):
             msg = f"the adapter {req.adapter!r} was removed before the request ran. {LIST_HINT}"
@@ -212,26 +227,33 @@ class _Server:
         return ApiError(500, f"generation failed: {req.error}")
 
     async def events(self, job: Job) -> AsyncIterator[str]:
-        """The SSE stream of ``job``: its text pieces as the engine finalises them, then the end."""
+        """The SSE stream of ``job``: each choice's text pieces as the engine finalises them, then the end."""
         status = 499  # until the stream ends: the client went away
         try:
             if job.chat:
-                yield sse(job.chunk(None, role=True))
-            while (piece := await job.queue.get()) is not None:
-                yield sse(job.chunk(piece))
-            error = self.failure(job)
-            status = 200 if error is None else error.status
-            if error is not None:
-                yield sse(error.body())
+                for i in range(len(job.reqs)):
+                    yield sse(job.chunk(i, None, role=True))
+            left = len(job.reqs)
+            while left:
+                i, piece = await job.queue.get()
+                if piece is not None:
+                    yield sse(job.chunk(i, piece))
+                    continue
+                left -= 1
+                if (error := self.failure(job)) is not None:
+                    status = error.status
+                    yield sse(error.body())
+                    break
+                yield sse(job.chunk(i, None, job.reqs[i].finish_reason))
             else:
-                yield sse(job.chunk(None, job.req.finish_reason))
+                status = 200
                 if job.options.include_usage:
                     yield sse(job.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
-            if status == 499:  # the client went away: stop generating for it
-                self.engine.cancel(job.req)
-            self.metrics.observe(job.req.adapter or "base", status, time.monotonic() - job.start)
+            if status != 200:  # the client went away, or a choice failed: stop generating the others
+                self.cancel(job.reqs)
+            self.metrics.observe(job.reqs[0].adapter or "base", status, time.monotonic() - job.start)
 
     def label(self, body: dict[str, Any]) -> str:
         """The metrics label of a request's model: an adapter name, "base", or "unknown"."""
@@ -255,10 +277,11 @@ class _Server:
         if job.options.stream:
             return StreamingResponse(self.events(job), media_type="text/event-stream")
         try:
-            while await job.queue.get() is not None:
-                pass
+            left = len(job.reqs)
+            while left:
+                left -= (await job.queue.get())[1] is None
         except asyncio.CancelledError:  # the client went away
-            self.engine.cancel(job.req)
+            self.cancel(job.reqs)
             raise
         error = self.failure(job)
         self.metrics.observe(label, 200 if error is None else error.status, time.monotonic() - start)

@@ -10,15 +10,18 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 
+from lorakit.errors import ConfigError
 from lorakit.serve.requests import Request
 
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+MAX_CHOICES = 64  # completions one HTTP request may ask for: prompts × n
 UNSUPPORTED = ("best_of", "echo", "logprobs", "top_logprobs", "suffix", "logit_bias", "tools", "functions")
 
 
@@ -80,14 +83,36 @@ def stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
 
 
 def refuse_unsupported(body: dict[str, Any]) -> None:
-    """n > 1 and the options this server does not implement are a clear 400, never silently ignored."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(400, f"n must be 1 (one choice per request), got {n!r}; send several requests.", param="n")
+    """The options this server does not implement are a clear 400, never silently ignored."""
     for key in UNSUPPORTED:
         value = body.get(key)
         if value not in (None, False) and not (key == "best_of" and value == 1):
             raise ApiError(400, f"{key} is not supported by this server; leave it out.", param=key)
+
+
+def completion_prompts(prompt: Any, encode: Callable[[str], list[int]], vocab: int) -> list[tuple[list[int], str]]:
+    """The prompts of a /v1/completions body (a string, token ids, or a list of either), each with its field."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_CHOICES:
+            raise ApiError(400, f"prompt lists {len(prompt)} prompts; send at most {MAX_CHOICES}.", param="prompt")
+        params = ["prompt"] if len(prompt) == 1 else [f"prompt[{i}]" for i in range(len(prompt))]
+        return [(_prompt_ids(p, param, encode, vocab), param) for p, param in zip(prompt, params, strict=True)]
+    return [(_prompt_ids(prompt, "prompt", encode, vocab), "prompt")]
+
+
+def _prompt_ids(prompt: Any, param: str, encode: Callable[[str], list[int]], vocab: int) -> list[int]:
+    if isinstance(prompt, str):
+        try:
+            return encode(prompt)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param=param) from None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"{param} token id {bad[0]} is outside the vocabulary [0, {vocab}).", param=param)
+        return list(prompt)
+    msg = f"{param} is required: a non-empty string or a list of token ids (or, for prompt, a list of those)."
+    raise ApiError(400, msg, param=param)
 
 
 def _content(content: Any, where: str) -> str:
@@ -117,6 +142,7 @@ def messages(value: Any) -> list[dict[str, str]]:
 class Sampling:
     """The decoding options of one request."""
 
+    n: int  # choices per prompt
     max_tokens: int
     temperature: float
     top_p: float
@@ -138,6 +164,7 @@ def sampling(body: dict[str, Any], *, chat: bool, default_max_tokens: int) -> Sa
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object like {'include_usage': true}.", "stream_options")
     return Sampling(
+        n=number(body, "n", 1, 1, MAX_CHOICES, integer=True),
         max_tokens=max_tokens,
         temperature=float(number(body, "temperature", 1.0, 0.0, 2.0)),
         top_p=float(top_p),
@@ -155,12 +182,13 @@ def sse(obj: Any) -> str:
 
 @dataclass
 class Job:
-    """One generation request in flight: what was asked, the engine's request, and its event queue."""
+    """One HTTP generation request in flight: what was asked, its engine requests (one per choice: prompt i's
+    choice j is ``reqs[i·n + j]``, as OpenAI numbers them) and the queue their events arrive on."""
 
     model: str  # as the client named it (the base's name when it named none)
     options: Sampling
-    req: Request
-    queue: asyncio.Queue[str | None]  # final text pieces (when streaming), then None: done
+    reqs: list[Request]
+    queue: asyncio.Queue[tuple[int, str | None]]  # (choice, final text piece) when streaming; (choice, None): done
     chat: bool
     start: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -171,15 +199,17 @@ class Job:
         return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.uid}"
 
     def usage(self) -> dict[str, int]:
-        n, m = len(self.req.prompt_ids), len(self.req.out_ids)
+        """Token counts: each prompt once (however many choices it has), every choice's completion."""
+        n = sum(len(r.prompt_ids) for r in self.reqs[:: self.options.n])
+        m = sum(len(r.out_ids) for r in self.reqs)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
     def _body(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def chunk(self, text: str | None, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
-        """A streamed chunk: ``text`` (a chat delta, or completion text), ``finish`` on the last one."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    def chunk(self, index: int, text: str | None, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
+        """A streamed chunk of choice ``index``: ``text`` (a chat delta, or completion text), ``finish`` on its last."""
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish}
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             choice["delta"] = delta
@@ -193,9 +223,12 @@ class Job:
 
     def result(self) -> dict[str, Any]:
         """The whole (non-streamed) response."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": self.req.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": self.req.text}
-            return {**self._body("chat.completion", [choice]), "usage": self.usage()}
-        choice["text"] = self.req.text
-        return {**self._body("text_completion", [choice]), "usage": self.usage()}
+        choices = []
+        for i, req in enumerate(self.reqs):
+            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": req.finish_reason}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": req.text}
+            else:
+                choice["text"] = req.text
+            choices.append(choice)
+        return {**self._body("chat.completion" if self.chat else "text_completion", choices), "usage": self.usage()}
