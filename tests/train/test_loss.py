@@ -5,6 +5,7 @@ import torch
 
 import lorakit as lk
 import lorakit.train.loss as loss_module
+from lorakit.serve.engine import contiguous_head
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit.train.loss import LinearCrossEntropyFn, fused_head, training_loss
 
@@ -70,6 +71,15 @@ def test_the_models_own_path_where_fusing_does_not_apply():
     assert fused_head(trained_head) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused_head(adapted()) is None
+    hooked = adapted()
+    hooked.lm_head.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))  # changes values: not fusable
+    assert fused_head(hooked) is None
+    served = contiguous_head(adapted())  # the serving engine's hook only lays the input out
+    assert fused_head(served) is served.lm_head
     model, b = adapted(), batch()
-    b["labels"][:] = -100  # nothing supervised: the model's own answer (nan), not a division by zero here
-    assert torch.isnan(training_loss(model, b)) == torch.isnan(model(**b).loss)
+    b["labels"][:] = -100  # nothing supervised: the model's own answer, a NaN loss and zero gradients
+    want, want_grads = loss_and_grads(model, lambda m, x: m(**x).loss, b)
+    got, got_grads = loss_and_grads(model, training_loss, b)
+    assert torch.isnan(want) and torch.isnan(got)
+    for name in want_grads:
+        assert not want_grads[name].any() and not got_grads[name].any(), name

@@ -15,7 +15,8 @@ must be frozen (it is in adapter training; a trained head takes the model's own 
 
 Models whose forward does exactly ``lm_head(hidden)`` then ``ForCausalLMLoss`` (``FUSED_TYPES``)
 take this path when the head is a plain frozen ``nn.Linear`` and autocast is off; every other
-model, and batches without a supervised token, call the model.
+model calls the model. A batch without a supervised token gives what the model's path gives (a NaN
+loss, zero gradients), without reading a value back to the host to find out.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class LinearCrossEntropyFn(torch.autograd.Function):
             sums = e.sum(dim=1)  # (rows,)
             total += ((top.squeeze(1) + sums.log() - picked) * keep).sum()  # logsumexp − target logit
             if grad_h is not None:  # (softmax − one-hot) · keep / count, formed in e
-                weight = keep / count  # (rows,)
+                weight = keep / count.clamp(min=1)  # (rows,); no labelled row: zero gradients, as the model's
                 e.mul_((weight / sums)[:, None]).scatter_add_(1, target, -weight[:, None])
                 torch.mm(e.to(W.dtype), W, out=grad_h[chunk])  # (rows, d)
         ctx.save_for_backward(grad_h)
@@ -85,7 +86,10 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     head = get_head() if callable(get_head) else None
     if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
         return None  # an adapted (wrapped) or trained head: the model's own path
-    if head._forward_hooks or head._forward_pre_hooks or torch.is_autocast_enabled(head.weight.device.type):
+    hooks = [*head._forward_hooks.values(), *head._forward_pre_hooks.values()]
+    if any(not getattr(h, "lorakit_layout_only", False) for h in hooks):
+        return None  # a hook that may change values; one that only lays the input out (serving's) is harmless
+    if torch.is_autocast_enabled(head.weight.device.type):
         return None
     return head
 
@@ -94,7 +98,7 @@ def training_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.
     """``model(**batch).loss`` for a batch with ``labels``, through the fused head where it applies."""
     head = fused_head(model)
     labels = batch.get("labels")
-    if head is None or labels is None or not bool((labels[:, 1:] != IGNORE).any()):
+    if head is None or labels is None:
         return model(**batch).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     backbone: Any = getattr(model, str(model.base_model_prefix))  # LlamaForCausalLM.model, ...
