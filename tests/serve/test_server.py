@@ -453,6 +453,7 @@ def test_cli_serve_registers_the_adapter_dirs(world, tmp_path, monkeypatch):
 
         with TestClient(app_) as http:
             seen.update(host=host, port=port, models=[m["id"] for m in http.get("/v1/models").json()["data"]])
+            seen["resident"] = sorted(app_.state.server.engine.cache.slot_of)
             body = {"model": "cb", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
             seen["text"] = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
             seen["want"] = app_.state.server.engine.generate([PROMPT], ["cb"], 6)[0].text
@@ -460,11 +461,16 @@ def test_cli_serve_registers_the_adapter_dirs(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(server, "run", fake_run)
     args = ["serve", "--base", str(ckpt), "--adapters", str(root), "--host", "0.0.0.0", "--port", "9123"]
-    result = CliRunner().invoke(app, [*args, "--collection", str(tmp_path / "coll")])
+    result = CliRunner().invoke(
+        app, [*args, "--collection", str(tmp_path / "coll"), "--preload", "b", "--preload", "c"]
+    )
     assert result.exit_code == 0, result.output
+    assert seen["resident"] == ["b", "c"]  # --preload: in slots before the first request
     assert (seen["host"], seen["port"], seen["models"]) == ("0.0.0.0", 9123, [str(ckpt), "a", "b", "c", "ca", "cb"])
     assert seen["text"] == seen["want"] and seen["delete"] == 409  # a compressed adapter is served, kept whole
     assert "warning" in result.output and "no --api-key" in result.output and "skipped bad name" in result.output
     assert sorted(json.loads((root / ".lorakit-serve" / "registry.json").read_text())) == ["a", "b", "c"]
+    unknown = CliRunner().invoke(app, [*args, "--preload", "nope"])
+    assert unknown.exit_code != 0 and "unknown adapter 'nope'" in unknown.output
     missing = CliRunner().invoke(app, ["serve", "--base", str(ckpt), "--adapters", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "is not a folder" in missing.output

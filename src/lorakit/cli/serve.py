@@ -40,6 +40,9 @@ def serve(
     collection: Annotated[
         list[Path] | None, Opt(help="A compressed collection (`lorakit compress`) to serve too; repeatable.")
     ] = None,
+    preload: Annotated[
+        list[str] | None, Opt(help="An adapter to copy into a slot at start, not on its first request; repeatable.")
+    ] = None,
     allow_any_path: Annotated[
         bool, Opt(help="Let POST /v1/adapters load from anywhere, not only from inside --adapters.")
     ] = False,
@@ -66,6 +69,7 @@ def serve(
         _, skipped = register_adapter_dir(engine, adapters)
         for path in collection or []:
             engine.add_collection(path)
+        engine.preload(preload or [])
     for name, why in skipped.items():
         err.print(f"skipped {name}: {why}", soft_wrap=True, markup=False)
     err.print(f"serving {base} + {len(engine.adapters())} adapter(s) on http://{host}:{port}/v1", soft_wrap=True)
