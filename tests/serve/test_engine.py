@@ -164,6 +164,7 @@ def test_preload_puts_adapters_in_slots_before_traffic(served):
     engine.preload(["a", "b", "a", None])
     assert engine.cache.stats.loads == 2 and set(engine.cache.slot_of) == {"a", "b"}
     assert not engine.cache.pins  # nothing stays pinned
+    assert not engine.cache.stats.requests  # and no request is counted
     ids = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(2))
     got = engine.forward(ids, ["b", "a", "b"])
     assert engine.cache.stats.loads == 2  # the batch found them resident

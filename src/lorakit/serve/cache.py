@@ -104,6 +104,27 @@ class AdapterCache:
     def acquire(self, name: str) -> int:
         """The slot holding ``name`` (loading it, evicting the least recently used idle slot if needed)."""
         with self.lock:
+            slot = self._pin(name)
+            self.stats.requests[name] += 1
+            return slot
+
+    def preload(self, names: list[str]) -> None:
+        """Put registered ``names`` into slots now, without counting a request: resident ones are pinned
+        first and all are pinned together, so none evicts another; then released (LRU as usual)."""
+        with self.lock:
+            if len(names) > self.bank.max_slots:
+                raise ConfigError(f"cannot preload {len(names)} adapters into {self.bank.max_slots} slots; name fewer.")
+            pinned: list[str] = []
+            try:
+                for name in sorted(names, key=lambda n: n not in self.slot_of):
+                    self._pin(name)
+                    pinned.append(name)
+            finally:
+                for name in pinned:
+                    self.release(name)
+
+    def _pin(self, name: str) -> int:
+        with self.lock:
             if name in self.slot_of:
                 self.slot_of.move_to_end(name)
             else:
@@ -114,7 +135,6 @@ class AdapterCache:
                 self.slot_of[name] = slot
                 self.stats.loads += 1
             self.pins[name] += 1
-            self.stats.requests[name] += 1
             return self.slot_of[name]
 
     def release(self, name: str) -> None:

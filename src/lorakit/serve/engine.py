@@ -137,13 +137,10 @@ class Engine:
         """Copy registered adapters into slots now (e.g. the popular ones before traffic starts), so the
         batches that use them next do not pay the copies; LRU eviction goes on as usual afterwards.
         Compressed adapters need no slot. At most ``max_slots`` names."""
-        reqs = [Request([0], n, max_new_tokens=1) for n in dict.fromkeys(names) if n not in self.compressed]
-        if len(reqs) > self.bank.max_slots:
-            raise ConfigError(f"cannot preload {len(reqs)} adapters into {self.bank.max_slots} slots; name fewer.")
-        reqs.sort(key=lambda r: r.adapter not in self.cache.slot_of)  # resident ones pinned first: never evicted
-        self._bind(reqs)  # every one pinned at once, so none evicts another
-        for r in reqs:
-            self._unbind(r)
+        todo = [n for n in dict.fromkeys(names) if n is not None and n not in self.compressed]
+        for name in todo:
+            self._check_adapter(name)
+        self.cache.preload(todo)
 
     def adapters(self) -> list[str]:
         """Every adapter name a request can use (registered and compressed)."""
