@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods._api import register
 
 

@@ -24,8 +24,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import ConfigError, TargetError
 from lorakit.io.peft_format import name_matches
-from lorakit.methods import _layers as L
-from lorakit.methods._api import MethodSpec, spec_of_config
+from lorakit import layers as L
+from lorakit.methods._api import AdapterModule, MethodSpec, spec_of_config
 
 Targets = str | Sequence[str]
 
@@ -55,10 +55,9 @@ class AdaptedLayer(_Wrapper):
         base, adapters, active = self.base_layer, self.adapters, self.active  # one lookup each: runs per layer per step
         if active is None or active not in adapters:
             return base(x, *args, **kwargs)
-        adapter = adapters[active]
-        fused = getattr(adapter, "fused_forward", None)  # optional: base + adapter in one autograd node
-        if fused is not None and torch.is_grad_enabled() and not args and not kwargs:  # training only
-            out = fused(x, base)
+        adapter: AdapterModule = adapters[active]  # type: ignore[assignment]
+        if torch.is_grad_enabled() and not args and not kwargs:  # training: base + adapter in one autograd node?
+            out = adapter.fused_forward(x, base)
             if out is not None:
                 return out
         return adapter(x, base, base(x, *args, **kwargs))
@@ -224,7 +223,7 @@ def attach(
     chosen = find_targets(model, targets, exclude)
     previous = active_adapter(model)
     saved = _saved_targets(model, modules_to_save or [], chosen)
-    built = {}
+    built: dict[str, AdapterModule] = {}
     for module_name in chosen:  # build all first, so a failure leaves the model untouched
         base = model.get_submodule(module_name)
         base = base.base_layer if isinstance(base, AdaptedLayer) else base
@@ -234,6 +233,7 @@ def attach(
                 f"{', '.join(spec.layers)} layers. Leave that module out of targets."
             )
         built[module_name] = spec.adapter.from_base(base, module_config(cfg, module_name, rank_pattern, alpha_pattern))
+    spec.adapter.bind_shared(built)  # layers that share tensors share them within this attach only
     for p in model.parameters():
         p.requires_grad_(False)
     for module_name, adapter in built.items():
@@ -254,21 +254,18 @@ def _initialize(
     name: str,
     spec: MethodSpec,
     cfg: Any,
-    built: dict[str, nn.Module],
+    built: dict[str, AdapterModule],
     calibration: Iterable[Mapping[str, torch.Tensor]] | None,
     previous: str | None,
 ) -> None:
-    """Run the method's ``initialize`` hook, if any; on failure the new adapter is removed again."""
-    hook = getattr(spec.adapter, "initialize", None)
-    if hook is None:
-        return
+    """Run the method's ``initialize`` hook; on failure the new adapter is removed again."""
     try:
         if calibration is not None and not isinstance(calibration, Iterable):
             raise ConfigError(
                 f"calibration must be an iterable of batches (dicts of tensors), got a {type(calibration).__name__}."
             )
         batches = None if calibration is None else [dict(b) if isinstance(b, Mapping) else b for b in calibration]
-        hook(model, built, cfg, batches)
+        spec.adapter.initialize(model, dict(built), cfg, batches)
     except BaseException:
         delete_adapter(model, name)
         set_active(model, previous)
@@ -384,9 +381,9 @@ def _untie(model: nn.Module, weight: torch.Tensor) -> None:
         config.tie_word_embeddings = False
 
 
-def _merge_bias(base: nn.Module, adapter: Any) -> None:
+def _merge_bias(base: nn.Module, adapter: AdapterModule) -> None:
     """Fold an adapter's output shift (LoRA's lora_bias) into the base bias, creating one if needed."""
-    shift = adapter.delta_bias() if hasattr(adapter, "delta_bias") else None
+    shift = adapter.delta_bias()
     if shift is not None:
         with torch.no_grad():
             old: Any = base.bias
@@ -404,7 +401,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for module_name, wrapper in list(wrappers(out)):
         base = wrapper.base_layer
         if wrapper.active is not None and wrapper.active in wrapper.adapters:
-            adapter: Any = wrapper.adapters[wrapper.active]
+            adapter: AdapterModule = wrapper.adapters[wrapper.active]  # type: ignore[assignment]
             spec = adapter_info(out, wrapper.active).spec
             if not spec.mergeable:
                 raise ConfigError(f"method {spec.name!r} cannot be merged exactly into the base weights.")

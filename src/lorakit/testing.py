@@ -71,10 +71,11 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05)
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+    from lorakit.methods._api import AdapterModule
+
     for m in model.modules():
-        set_step: Any = getattr(m, "set_step", None)
-        if callable(set_step):
-            set_step(1)
+        if isinstance(m, AdapterModule):
+            m.set_step(1)
 
 
 def save_tuned_pair(

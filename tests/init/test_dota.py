@@ -8,7 +8,7 @@ import torch
 import lorakit as lk
 from lorakit.init.dota import Dota, mode_size, mpo_contract, mpo_decompose
 from lorakit.inject import wrappers
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.testing import tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 

@@ -11,7 +11,7 @@ import torch
 import lorakit as lk
 from lorakit.init._calib import input_activations
 from lorakit.inject import wrappers
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 

@@ -5,7 +5,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods.dora import Dora
 from lorakit.testing import randomize_adapters
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.inject import wrappers
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods.fourierft import FourierFT
 from lorakit.testing import randomize_adapters
 from tests.helpers import MODELS, logits, tokens

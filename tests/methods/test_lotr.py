@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import lorakit as lk
 from lorakit.inject import wrappers
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 

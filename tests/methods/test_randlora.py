@@ -10,7 +10,7 @@ import torch
 
 import lorakit as lk
 from lorakit.inject import wrappers
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods.randlora import RandLora
 from lorakit.testing import randomize_adapters
 from tests.helpers import MODELS, logits, tokens

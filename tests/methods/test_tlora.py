@@ -8,7 +8,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.inject import wrappers
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods.dora import Dora
 from lorakit.methods.tlora import Tlora, mode
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama

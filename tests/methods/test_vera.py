@@ -9,7 +9,7 @@ import torch
 
 import lorakit as lk
 from lorakit.inject import wrappers
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods.vera import Vera
 from lorakit.testing import randomize_adapters
 from tests.helpers import MODELS, logits, tokens

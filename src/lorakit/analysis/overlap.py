@@ -20,7 +20,7 @@ import torch
 from lorakit.analysis.spectra import delta_svd
 from lorakit.errors import AdapterFormatError
 from lorakit.io.factors import AdapterFactors
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 RTOL = 1e-7  # singular values below RTOL·σ₁ do not span the column space
 

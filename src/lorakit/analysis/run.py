@@ -16,7 +16,7 @@ from lorakit.analysis.weights import module_weight
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.extract.checkpoint import Checkpoint
 from lorakit.io.factors import AdapterFactors, read_factors
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 NO_BASE_NOTE = "intruder dimensions skipped: give a base (--base NAME_OR_DIR) to compare W0 + ΔW with W0."
 

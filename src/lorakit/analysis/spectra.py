@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.methods._api import LoraFactors
-from lorakit.methods._lowrank import factor_svd
+from lorakit.lowrank import LoraFactors
+from lorakit.lowrank import factor_svd
 
 
 def delta_svd(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

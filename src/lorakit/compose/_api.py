@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.methods._api import LoraFactors
-from lorakit.methods._lowrank import factor_svd
+from lorakit.lowrank import LoraFactors
+from lorakit.lowrank import factor_svd
 
 RankRule = Literal["sum", "max"]
 

@@ -8,7 +8,7 @@ adapter merged by PEFT and by lorakit from the same inputs holds identical A and
 from __future__ import annotations
 
 from lorakit.compose._api import concat, merge_method
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 
 @merge_method(

@@ -16,7 +16,7 @@ before one re-factoring. PEFT's ``cat`` and ``svd`` are exact and lorakit matche
 from __future__ import annotations
 
 from lorakit.compose._api import concat, merge_method
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 
 @merge_method(

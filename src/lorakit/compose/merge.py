@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lorakit.compose._api import MergeSpec, check_options, factorize, get_merge_method, refactor
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 MISSING = ("error", "zero")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.compose._api import merge_method
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 
 def owners(d_out: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ SVD of a (Σr)×(Σr) core), never forming the (out, in) sum.
 from __future__ import annotations
 
 from lorakit.compose._api import concat, merge_method
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 
 @merge_method(

@@ -8,7 +8,7 @@ formed; it equals PEFT's ``merge_utils.task_arithmetic`` applied to the deltas, 
 from __future__ import annotations
 
 from lorakit.compose._api import concat, merge_method
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 
 @merge_method(

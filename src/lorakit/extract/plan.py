@@ -110,7 +110,7 @@ def fast_layout(b: Checkpoint) -> Layout | None:
 
 def skeleton_layout(b: Checkpoint) -> Layout:
     from lorakit.inject import logical_modules
-    from lorakit.methods import _layers as L
+    from lorakit import layers as L
 
     model: Any = skeleton(b)
     kinds = {n: L.layer_kind(m) for n, m in logical_modules(model) if n and isinstance(m, L.SUPPORTED)}

@@ -1,6 +1,6 @@
 """Re-factor an existing LoRA to a lower rank (or an energy target) without forming d_out×d_in matrices.
 
-``methods._lowrank.factor_svd`` gives ΔW = s·B·A's exact SVD from QR of the factors and an r×r
+``lowrank.factor_svd`` gives ΔW = s·B·A's exact SVD from QR of the factors and an r×r
 core; truncating it is the best rank-k approximation (Eckart–Young).
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 from lorakit.errors import AdapterFormatError
 from lorakit.extract.lowrank import RankRule
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
-from lorakit.methods._api import LoraFactors
-from lorakit.methods._lowrank import factor_svd
+from lorakit.lowrank import LoraFactors
+from lorakit.lowrank import factor_svd
 
 
 def resize(

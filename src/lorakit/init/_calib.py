@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from lorakit import inject  # a module reference: lorakit.inject may still be importing (it imports methods)
+from lorakit import layers as L
 from lorakit.errors import ConfigError, TargetError
-from lorakit.methods import _layers as L
 
 IGNORE = -100  # label value the causal-LM loss skips
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods._api import register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
@@ -74,7 +74,3 @@ class CompLora(Lora):
     @staticmethod
     def peft_fields(cfg: LoraConfig) -> dict[str, Any]:
         return Lora.peft_fields(cfg)
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> CompLoraConfig | None:
-        return None  # PEFT has no Comp-LoRA; lorakit's dirs carry the config in their 'lorakit' block

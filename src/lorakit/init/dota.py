@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 _P = "(-(-(d_in**(1/3)-1e-9)//1))*(-(-(d_out**(1/3)-1e-9)//1))"  # p = n_in·n_out: one core's mode pair
 _D = f"(({_P}+bond_dim-(({_P}-bond_dim)**2)**0.5)/2)"  # d = min(bond_dim, p), the bond after truncation
@@ -82,10 +82,8 @@ def mpo_contract(cores: Any, d_out: int, d_in: int) -> torch.Tensor:
     family="F3",
     params=f"{_P}*{_D}*(2+{_D})",
 )
-class Dota(nn.Module):
+class Dota(AdapterModule):
     """x ↦ W·x + (MPO(T) − MPO(T⁰))·x with trained cores T and their frozen initial values T⁰."""
-
-    peft_type = None
 
     def __init__(self, cfg: DotaConfig, cores: list[torch.Tensor], d_in: int, d_out: int, kind: str):
         super().__init__()
@@ -124,15 +122,6 @@ class Dota(nn.Module):
         trained = {f"dota_core_{k}": c for k, c in enumerate(self.cores)}
         return trained | {f"dota_init_{k}": c for k, c in enumerate(self.initial())}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, t in self.export_state().items():
-                t.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: DotaConfig) -> dict[str, Any]:
         return {"bond_dim": cfg.bond_dim}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> DotaConfig | None:
-        return None  # PEFT has no DoTA; lorakit's dirs carry the config in their 'lorakit' block

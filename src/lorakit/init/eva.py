@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lorakit import inject  # a module reference: lorakit.inject may still be importing
+from lorakit import layers as L
 from lorakit.init._calib import Moments, as_batches, base_layer, input_moments
-from lorakit.methods import _layers as L
 from lorakit.methods._api import register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
@@ -138,7 +138,3 @@ class Eva(Lora):
         sub = {"rho": cfg.rho, "tau": 0.99, "use_label_mask": cfg.use_label_mask, "label_mask_value": -100}
         sub |= {"whiten": cfg.whiten, "adjust_scaling_factors": cfg.adjust_scaling_factors}
         return Lora.peft_fields(cfg) | {"init_lora_weights": "eva", "eva_config": sub}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> EvaConfig | None:
-        return None  # after init EVA is a plain LoRA (per-module ranks): its dirs load as "lora"

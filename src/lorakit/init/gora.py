@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.init._calib import as_batches, base_layer, full_gradients
-from lorakit.methods import _layers as L
 from lorakit.methods._api import register, require
 from lorakit.methods.lora import Lora, LoraConfig
 

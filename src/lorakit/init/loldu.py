@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.init.pissa import subtract_shift
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,10 +59,9 @@ def ldu(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     params="r + 1",
     layers=("linear", "conv1d"),  # a shifted embedding would also shift a tied output head
 )
-class Loldu(nn.Module):
+class Loldu(AdapterModule):
     """x ↦ W_res·x + σ·PL·(z ⊙ U·x) with frozen PL (out, r), U (r, in) and trained z (r,), σ ()."""
 
-    peft_type = None
     PL: torch.Tensor
     U: torch.Tensor
     z0: torch.Tensor
@@ -130,7 +129,3 @@ class Loldu(nn.Module):
     @staticmethod
     def peft_fields(cfg: LolduConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LolduConfig | None:
-        return None  # saved as a plain LoRA on the original base; PEFT has no LoLDU

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.init._calib import as_batches, base_layer, full_gradients
 from lorakit.init.pissa import subtract_shift
-from lorakit.methods import _layers as L
 from lorakit.methods._api import LoraFactors, register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
@@ -137,7 +137,3 @@ class LoraGA(Lora):
         scale = "gd_scale" if cfg.init_scale == "gd" else cfg.init_scale
         sub = {"direction": cfg.direction, "scale": scale, "stable_gamma": cfg.stable_gamma}
         return Lora.peft_fields(cfg) | {"init_lora_weights": "lora_ga", "lora_ga_config": sub}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LoraGAConfig | None:
-        return None  # saved as plain LoRA on the original base; residual-base dirs are refused on load

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.init._calib import as_batches, full_gradients
-from lorakit.methods import _layers as L
 from lorakit.methods._api import register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
@@ -124,7 +124,3 @@ class LoraOne(Lora):
 
     def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
         return None if self.config.preconditioned else super().fused_forward(x, base)
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LoraConfig | None:
-        return None  # a saved LoRA-One adapter is a plain LoRA (the base is unchanged): it loads as 'lora'

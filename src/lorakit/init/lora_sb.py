@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.init._calib import as_batches, full_gradients
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 FIRST_STEPS = ("sgd", "adam")
 
@@ -61,10 +61,9 @@ class LoraSBConfig:
     layers=("linear", "conv1d"),
     calibration=True,
 )
-class LoraSB(nn.Module):
+class LoraSB(AdapterModule):
     """x ↦ W₀x + s·B·R·A·x with frozen buffers B (out, r), A (r, in) and trained R (r, r)."""
 
-    peft_type = None
     A: torch.Tensor
     B: torch.Tensor
 
@@ -131,15 +130,6 @@ class LoraSB(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"lora_sb_A": self.A, "lora_sb_B": self.B, "lora_sb_R": self.R}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, t in self.export_state().items():
-                t.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: LoraSBConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.r if cfg.alpha is None else cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LoraSBConfig | None:
-        return None  # PEFT has no LoRA-SB; lorakit's own dirs carry the config in their 'lorakit' block

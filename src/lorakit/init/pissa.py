@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
+from lorakit import layers as L
 from lorakit.methods._api import LoraFactors, register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
@@ -99,10 +99,6 @@ class Pissa(Lora):
         assert isinstance(cfg, PissaConfig)
         init = "pissa" if cfg.niter is None else f"pissa_niter_{cfg.niter}"
         return Lora.peft_fields(cfg) | {"init_lora_weights": init}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> PissaConfig | None:
-        return None  # saved as plain LoRA on the original base; PEFT's residual-base dirs are refused on load
 
 
 def subtract_shift(base: Any, shift: LoraFactors) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.init._calib import as_batches, base_layer, input_activations
 from lorakit.init.pissa import principal, subtract_shift
-from lorakit.methods import _layers as L
 from lorakit.methods._api import LoraFactors, register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
@@ -131,7 +131,3 @@ class Salora(Lora):
     @staticmethod
     def peft_fields(cfg: LoraConfig) -> dict[str, Any]:
         return Lora.peft_fields(cfg)
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> SaloraConfig | None:
-        return None  # saved as a plain LoRA on the original base; PEFT has no SaLoRA

@@ -36,8 +36,9 @@ from lorakit.inject import (
 )
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from lorakit.methods import _layers as L
-from lorakit.methods._api import REGISTRY, LoraFactors, get_spec
+from lorakit import layers as L
+from lorakit.lowrank import LoraFactors
+from lorakit.methods._api import REGISTRY, AdapterModule, get_spec
 
 # PEFT inits that rewrite the base weights: such an adapter is relative to a residual base.
 RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -88,7 +89,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     """
     info = adapter_info(model, name)
     spec, cfg = info.spec, info.config
-    if hasattr(spec.adapter, "base_shift"):
+    if any(_adapter(w, name).base_shift() is not None for _, w in wrappers(model) if name in w.adapters):
         return _save_relative_to_original(model, path, name)
     tensors: dict[str, torch.Tensor] = {}
     module_cfgs: dict[str, Any] = {}
@@ -158,10 +159,12 @@ def _save_relative_to_original(model: nn.Module, path: str | Path, name: str) ->
     for module_name, wrapper in wrappers(model):
         if name not in wrapper.adapters:
             continue
-        adapter: Any = wrapper.adapters[name]
+        adapter = _adapter(wrapper, name)
         base = wrapper.base_layer
         with torch.no_grad():
             f, shift = adapter.to_lora(base), adapter.base_shift()
+            if shift is None:  # a layer the init left as it was
+                shift = LoraFactors(f.A.new_zeros(0, f.A.shape[1]), f.B.new_zeros(f.B.shape[0], 0), 0.0)
             A = torch.cat([f.A.float(), shift.A.float()])  # (r + r_shift, in)
             B = torch.cat([f.B.float() * f.scale, -shift.B.float() * shift.scale], dim=1)  # (out, r + r_shift)
             if len(fingerprint) < 4:
@@ -198,18 +201,23 @@ def _shared_state(model: nn.Module, name: str) -> dict[str, tuple[Any, torch.Ten
     """
     out: dict[str, tuple[Any, torch.Tensor]] = {}
     for _, wrapper in wrappers(model):
-        adapter: Any = wrapper.adapters[name] if name in wrapper.adapters else None  # noqa: SIM401 - a ModuleDict
-        if hasattr(adapter, "export_shared"):
+        if name in wrapper.adapters:
+            adapter = _adapter(wrapper, name)
             importer = _SharedImporter(adapter)
             for key, t in adapter.export_shared().items():
                 out.setdefault(key, (importer, t))
     return out
 
 
+def _adapter(wrapper: AdaptedLayer, name: str) -> AdapterModule:
+    adapter: AdapterModule = wrapper.adapters[name]  # type: ignore[assignment]
+    return adapter
+
+
 class _SharedImporter:
     """Routes a loaded shared state to its adapter's ``import_shared`` (``_fill`` calls ``import_state``)."""
 
-    def __init__(self, adapter: Any):
+    def __init__(self, adapter: AdapterModule):
         self.adapter, self.config = adapter, adapter.config
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -422,7 +430,7 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], file: P
             raise AdapterFormatError(f"{file}: {key} contains NaN or infinite values; the adapter is corrupt.")
         per_adapter.setdefault(id(adapter), (adapter, {}))[1][suffix] = t
     for adapter, state in per_adapter.values():
-        if hasattr(adapter, "import_state"):
+        if isinstance(adapter, (AdapterModule, _SharedImporter)):
             adapter.import_state(state)
         else:  # a modules_to_save copy: a plain module
             adapter.load_state_dict(state)

@@ -25,7 +25,7 @@ import torch
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.factors import AdapterFactors
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 FORMAT = "lorakit-collection"
 VERSION = 1

@@ -25,7 +25,7 @@ from lorakit.errors import AdapterFormatError
 from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_config, read_tensors
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.peft_format import EMBEDDING_KEYS, LINEAR_KEYS, lora_config, lorakit_block
-from lorakit.methods._api import LoraFactors
+from lorakit.lowrank import LoraFactors
 
 
 @dataclass

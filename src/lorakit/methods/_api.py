@@ -1,75 +1,158 @@
 """The method contract and the registry.
 
-A method is one file in ``lorakit/methods/`` that decorates its adapter class with
-``@register(...)``. Importing ``lorakit.methods`` imports every such file, so adding a method
-edits no other file. The adapter class satisfies :class:`Adapter`; its frozen, keyword-only
-config dataclass is validated in ``__post_init__``.
-
-An adapter class may also define the optional initialisation hook
-``initialize(cls, model, adapters, cfg, batches) -> None`` (a classmethod): ``attach`` calls it
-once, after every new adapter is in place and active, with ``adapters`` = {logical module name:
-adapter} and ``batches`` = the calibration batches (a list of dicts of tensors) or None.
+A method is one file under ``lorakit/methods/`` whose adapter class subclasses :class:`AdapterModule`
+and is decorated with ``@register(...)``. Importing ``lorakit.methods`` imports every such file, so
+adding a method edits no other file. :class:`AdapterModule` declares the whole contract: the three
+required hooks and every optional one with its signature, meaning and default, so Core calls each
+hook directly. The config is a frozen, keyword-only dataclass validated in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.lowrank import LoraFactors
 
 ALL_LAYERS = ("linear", "conv1d", "embedding")
 
 
-class LoraFactors(NamedTuple):
-    """Plain low-rank form of an update: ΔW = scale · B @ A in (out, in) orientation."""
+class AdapterModule(nn.Module):
+    """One adapter of one method on one base layer (the container owns the base layer): the contract.
 
-    A: torch.Tensor  # (r, in)
-    B: torch.Tensor  # (out, r)
-    scale: float
+    Required of every method (no default):
 
+    - ``from_base(cls, base, cfg)``: build the adapter for the wrapped layer ``base`` (read it only
+      through ``lorakit.layers``: dims, dense weight, input projection).
+    - ``forward(x, base, y)``: the adapted output, given the layer input ``x`` and the base output ``y``.
+    - ``export_state()``: ``{PEFT-style per-module suffix: tensor}`` (``lora_A.weight``, ...); the
+      on-disk format needs no table.
 
-class Adapter(Protocol):
-    """One adapter of one method on one base layer (the container owns the base layer).
-
-    ``forward`` receives the layer input ``x``, the base layer and the base output ``y`` and
-    returns the adapted output. Keys of ``export_state`` are PEFT's per-module suffixes
-    (``lora_A.weight``, ``lora_magnitude_vector``, ...), so the on-disk format needs no table.
+    Optional hooks, each with its default here, so Core calls them directly (never ``hasattr``):
+    ``delta_weight``, ``to_lora``, ``delta_bias``, ``fused_forward``, ``import_state``,
+    ``base_shift``, ``init_factors``, ``export_shared`` / ``import_shared``, ``bind_shared``,
+    ``initialize``, ``set_step``, ``peft_fields``, ``config_from_peft``; class attributes
+    ``peft_type`` and ``shared_params``. :data:`HOOKS` lists them all (the README's table is
+    generated from it).
     """
 
     config: Any
-    peft_type: ClassVar[str | None]
+    scale: float
+    method_name: ClassVar[str]  # set by @register
+    peft_type: ClassVar[str | None] = None
+    """PEFT's ``peft_type`` when PEFT has this method with the same keys and outputs, else None."""
+    shared_params: ClassVar[str | None] = None
+    """Trainable parameters of one group of tensors shared across layers, as a formula like ``params``."""
+    _init_shift: LoraFactors | None = None  # set by Core when an init option moved part of W into the adapter
 
     @classmethod
-    def from_base(cls, base: nn.Module, cfg: Any) -> Adapter: ...
+    def from_base(cls, base: nn.Module, cfg: Any) -> AdapterModule:
+        raise NotImplementedError(f"{cls.__name__} must define from_base(base, cfg)")
 
-    def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward(x, base, y)")
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must define export_state()")
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        """ΔW in the base layer's own weight layout, so that merged weight = W + ΔW."""
-        ...
+        """ΔW in the base layer's own weight layout, so that merged weight = W + ΔW (mergeable methods)."""
+        raise ConfigError(f"method {type(self).__name__} cannot be merged exactly into the base weights.")
 
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors: ...
+    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
+        """Plain (A, B, scale), exact or the best rank-``rank`` approximation (serving, export, aggregation)."""
+        raise ConfigError(f"method {type(self).__name__} cannot be expressed as a plain LoRA (A, B) pair.")
 
-    def export_state(self) -> dict[str, torch.Tensor]: ...
+    def delta_bias(self) -> torch.Tensor | None:
+        """An output shift the adapter adds (LoRA's lora_bias), folded into the base bias on merge; None: none."""
+        return None
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None: ...
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
+        """Training only: base and adapter in one autograd node, or None to use ``forward``."""
+        return None
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load ``export_state``'s tensors (same keys, shapes already checked) into this adapter."""
+        with torch.no_grad():
+            for key, tensor in self.export_state().items():
+                tensor.copy_(state[key])
+
+    def base_shift(self) -> LoraFactors | None:
+        """What the adapter's init took out of the base weight (W_res = W − scale·B@A), or None.
+
+        ``save_adapter`` folds it back, so the saved dir is a plain delta for the ORIGINAL base.
+        """
+        return self._init_shift
+
+    def init_factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        """The trained A (r, in) and B (out, r) of an update that contains ``self.scale``·B·A, which an
+        initialisation option (``init="pissa"``, ...) may overwrite; None: no init option applies."""
+        return None
+
+    def export_shared(self) -> dict[str, torch.Tensor]:
+        """Tensors several layers share, under full file keys (e.g. ``base_model.vblora_vector_bank``)."""
+        return {}
+
+    def import_shared(self, state: dict[str, torch.Tensor]) -> None:
+        """Load ``export_shared``'s tensors."""
+
+    @classmethod
+    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
+        """Called once per attach with every adapter it built ({module name: adapter}), before any weight
+        is loaded: methods whose layers share tensors (VeRA, VB-LoRA, LoTR) give them one group here, so
+        shared state belongs to the attach that created it."""
+
+    @classmethod
+    def initialize(cls, model: nn.Module, adapters: dict[str, nn.Module], cfg: Any, batches: Any) -> None:
+        """A method's own data- or weight-aware init, run once by ``attach`` after every new adapter is in
+        place and active (``batches``: the calibration batches or None; ``calibration=True`` requires them)."""
+
+    def set_step(self, step: int) -> None:
+        """The training step (the ``adapter_steps`` callback calls it at each step begin): for schedules."""
 
     @staticmethod
     def peft_fields(cfg: Any) -> dict[str, Any]:
         """Method-specific fields of ``adapter_config.json``."""
-        ...
+        return {}
 
     @staticmethod
     def config_from_peft(fields: dict[str, Any]) -> Any | None:
         """This method's config if ``fields`` (an adapter_config.json) describes it, else None."""
-        ...
+        return None
+
+
+Adapter = AdapterModule  # the protocol's name in signatures
+
+HOOKS: tuple[str, ...] = (
+    "from_base",
+    "forward",
+    "export_state",
+    "delta_weight",
+    "to_lora",
+    "delta_bias",
+    "fused_forward",
+    "import_state",
+    "base_shift",
+    "init_factors",
+    "export_shared",
+    "import_shared",
+    "bind_shared",
+    "initialize",
+    "set_step",
+    "peft_fields",
+    "config_from_peft",
+    "peft_type",
+    "shared_params",
+)
+"""Every hook of the contract, required first; the README's "Adding a method" table lists these."""
+REQUIRED_HOOKS = ("from_base", "forward", "export_state")
 
 
 @dataclass(frozen=True)
@@ -77,7 +160,7 @@ class MethodSpec:
     """What the registry knows about one method."""
 
     name: str
-    adapter: Any  # the adapter class: an nn.Module satisfying the Adapter protocol
+    adapter: type[AdapterModule]  # the adapter class
     config: type
     paper: str
     url: str
@@ -85,7 +168,7 @@ class MethodSpec:
     mergeable: bool  # delta_weight() is exact, so merge == unmerged forward
     family: str  # PAPERS.md family, e.g. "F1" (core LoRA & scaling)
     params: str  # trainable parameters per wrapped layer, in d_in, d_out and config fields
-    layers: tuple[str, ...] = ALL_LAYERS  # layer kinds the method wraps (see methods/_layers.py)
+    layers: tuple[str, ...] = ALL_LAYERS  # layer kinds the method wraps (see lorakit/layers)
     needs_calibration: bool = False  # its initialisation reads data: attach(..., calibration=batches)
 
     def param_count(self, d_in: int, d_out: int, cfg: Any) -> int:
@@ -109,7 +192,7 @@ def register(
     mergeable: bool = True,
     layers: tuple[str, ...] = ALL_LAYERS,
     calibration: bool = False,
-) -> Callable[[type[nn.Module]], type[nn.Module]]:
+) -> Callable[[type[AdapterModule]], type[AdapterModule]]:
     """Class decorator that adds an adapter class to :data:`REGISTRY` under ``name``.
 
     ``params`` is the paper's trainable-parameter count per wrapped layer as an arithmetic
@@ -120,12 +203,14 @@ def register(
     ``calibration=batches`` and hands them to the adapter class's ``initialize`` hook.
     """
 
-    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+    def wrap(cls: type[AdapterModule]) -> type[AdapterModule]:
+        if not issubclass(cls, AdapterModule):
+            raise TypeError(f"method {name!r}: {cls.__name__} must subclass lorakit.methods._api.AdapterModule")
         if name in REGISTRY and REGISTRY[name].adapter is not cls:
             raise ValueError(f"method {name!r} is registered twice ({REGISTRY[name].adapter} and {cls})")
         if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise TypeError(f"method {name!r}: its config {config.__name__} must be a frozen dataclass")
-        cls.method_name = name  # type: ignore[attr-defined]
+        cls.method_name = name
         REGISTRY[name] = MethodSpec(
             name, cls, config, paper, url, identity_at_init, mergeable, family, params, tuple(layers), calibration
         )

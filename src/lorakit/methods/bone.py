@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +42,7 @@ class BoneConfig:
     params="d_out*r",
     layers=("linear", "conv1d"),
 )
-class Bone(nn.Module):
+class Bone(AdapterModule):
     """x ↦ (W₀ + ΔW)·x + b with ΔW_ij = W₀_ij·B_i + B_i (blocks of size r)."""
 
     peft_type = "MISS"
@@ -87,10 +87,6 @@ class Bone(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"miss_block": self.B}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.B.copy_(state["miss_block"])
 
     @staticmethod
     def peft_fields(cfg: BoneConfig) -> dict[str, Any]:

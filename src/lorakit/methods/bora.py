@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
+from lorakit import layers as L
+from lorakit.lowrank import factorize
 from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
 from lorakit.methods.lora import Lora, LoraConfig
 
 
@@ -102,7 +102,3 @@ class Bora(Lora):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {**super().export_state(), "lora_magnitude_vector": self.m, "bora_magnitude_in": self.m_in}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> BoraConfig | None:
-        return None  # PEFT has no BoRA; lorakit's own dirs carry the config in their 'lorakit' block

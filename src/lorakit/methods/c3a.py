@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.fft import fft, ifft
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 INITS = ("xavier_uniform", "kaiming_uniform", "gaussian", "zeros")
 
@@ -54,7 +54,7 @@ class C3AConfig:
     identity_at_init=False,
     layers=("linear", "conv1d"),
 )
-class C3A(nn.Module):
+class C3A(AdapterModule):
     """x ↦ W₀x + blockcirc(w)·x / d_in, with the kernel w (out/b, in/b, b) the only trainable tensor."""
 
     peft_type = "C3A"
@@ -108,10 +108,6 @@ class C3A(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"c3a_kernel": self.kernel}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.kernel.copy_(state["c3a_kernel"])
 
     @staticmethod
     def peft_fields(cfg: C3AConfig) -> dict[str, Any]:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,10 +59,8 @@ class DcftConfig:
     params="r*(d_in+d_out)//kernel_size + kernel_size**2",
     identity_at_init=False,
 )
-class Dcft(nn.Module):
+class Dcft(AdapterModule):
     """x ↦ W₀x + s·ConvT_k(B·A, K)·x with A (r, in/k), B (out/k, r), K (k, k)."""
-
-    peft_type = None
 
     def __init__(self, cfg: DcftConfig, d_in: int, d_out: int, kind: str, weight: torch.Tensor):
         super().__init__()
@@ -109,15 +107,6 @@ class Dcft(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"dcft_A": self.A, "dcft_B": self.B, "dcft_kernel": self.kernel}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: DcftConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha, "kernel_size": cfg.kernel_size, "lora_dropout": cfg.dropout}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> DcftConfig | None:
-        return None  # PEFT has no DCFT; lorakit's own dirs carry the config in their 'lorakit' block

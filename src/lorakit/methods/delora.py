@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 EPS = 1e-4  # PEFT's clamp on the row norms of A and column norms of B
 
@@ -48,7 +48,7 @@ class DeloraConfig:
     params="r*(d_in+d_out)+1",
     layers=("linear", "conv1d"),
 )
-class Delora(nn.Module):
+class Delora(AdapterModule):
     """x ↦ W₀x + B·(g ⊙ A·(w ⊙ x)) with g_i = (λ/r)/(‖a_i‖·‖b_i‖) and w = ‖W₀‖_col (frozen)."""
 
     peft_type = "DELORA"
@@ -100,11 +100,6 @@ class Delora(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"delora_A": self.A, "delora_B": self.B, "delora_lambda": self.lam, "delora_w_norm": self.w_norm}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, t in self.export_state().items():
-                t.copy_(state[key])
 
     @staticmethod
     def peft_fields(cfg: DeloraConfig) -> dict[str, Any]:

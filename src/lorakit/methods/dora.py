@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
+from lorakit import layers as L
+from lorakit.lowrank import factorize
 from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
 from lorakit.methods.lora import Lora, LoraConfig
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 from lorakit.methods.lora_xs import svd_factors
 
 
@@ -51,10 +51,9 @@ class EdoraConfig:
     params="r*r+d_out",
     identity_at_init=False,  # R ~ N(0, 1e-10): within ~1e-5 of the base, not exactly it (init_std=0 is exact)
 )
-class Edora(nn.Module):
+class Edora(AdapterModule):
     """x ↦ g ⊙ (W₀x + s·U·R·SV·x) + b, g = m / ‖W₀ + s·U·R·SV‖_row (detached); frozen U (out, r), SV (r, in)."""
 
-    peft_type = None
     U: torch.Tensor
     SV: torch.Tensor
 
@@ -122,15 +121,6 @@ class Edora(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"edora_R": self.R, "edora_magnitude": self.m}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: EdoraConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> EdoraConfig | None:
-        return None  # PEFT has no EDoRA; lorakit's own dirs carry the config in their 'lorakit' block

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 INITS = ("gaussian", "zeros")
 
@@ -63,7 +63,7 @@ def spectral_indices(d_out: int, d_in: int, n: int, seed: int) -> torch.Tensor:
     params="n_frequency",
     layers=("linear", "conv1d"),  # as PEFT's FourierFT
 )
-class FourierFT(nn.Module):
+class FourierFT(AdapterModule):
     """x ↦ W₀x + ΔW·x with ΔW = α·Re(ifft2(S)) (out, in), S scattered from the trained spectrum (n,)."""
 
     peft_type = "FOURIERFT"
@@ -111,10 +111,6 @@ class FourierFT(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"fourierft_spectrum": self.fourierft_spectrum}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.fourierft_spectrum.copy_(state["fourierft_spectrum"])
 
     @staticmethod
     def peft_fields(cfg: FourierFTConfig) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +60,7 @@ class GraloraConfig:
     params="(r+hybrid_r)*(d_in+d_out)",
     layers=("linear", "conv1d"),
 )
-class Gralora(nn.Module):
+class Gralora(AdapterModule):
     """x ↦ W₀x + s·(ΔW_grid·x + B_h·A_h·x), the grid applied block by block (never materialised)."""
 
     peft_type = "GRALORA"
@@ -126,11 +126,6 @@ class Gralora(nn.Module):
         if self.A_h is not None and self.B_h is not None:
             state |= {"gralora_A_general.weight": self.A_h, "gralora_B_general.weight": self.B_h}
         return state
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, t in self.export_state().items():
-                t.copy_(state[key])
 
     @staticmethod
     def peft_fields(cfg: GraloraConfig) -> dict[str, Any]:

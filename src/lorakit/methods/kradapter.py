@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,10 +50,8 @@ def kr_sizes(d_in: int, d_out: int) -> tuple[int, int, int, int]:
     family="F2",
     params="(d_in + d_out - (hi := d_in if d_in > d_out else d_out)) * ((k := hi ** 0.5 // 1) + -(-hi // k))",
 )
-class KRAdapter(nn.Module):
+class KRAdapter(AdapterModule):
     """x ↦ W₀x + s·ΔW·x with ΔW the Khatri–Rao product of B (d_min, k₁) and A (d_min, k₂)."""
-
-    peft_type = None
 
     def __init__(self, cfg: KRAdapterConfig, d_in: int, d_out: int, kind: str, weight: torch.Tensor):
         super().__init__()
@@ -94,15 +92,6 @@ class KRAdapter(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"kradapter_A": self.A, "kradapter_B": self.B}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: KRAdapterConfig) -> dict[str, Any]:
         return {"alpha": cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> KRAdapterConfig | None:
-        return None  # PEFT has no KRAdapter; lorakit's own dirs carry the config in their 'lorakit' block

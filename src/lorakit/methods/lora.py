@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 from lorakit.methods._fused import LoraLinearFn
-from lorakit.methods._lowrank import truncate
 
 INITS = ("default", "gaussian")
 # option -> PEFT's adapter_config.json field
@@ -62,7 +62,7 @@ class LoraConfig:
     family="F1",
     params="(r*d_out if train_only == 'B' else r*(d_in+d_out)) + (d_out if lora_bias else 0)",
 )
-class Lora(nn.Module):
+class Lora(AdapterModule):
     """x ↦ W₀x + s·B·A·x with A (r, in), B (out, r)."""
 
     peft_type = "LORA"
@@ -154,11 +154,6 @@ class Lora(nn.Module):
             return {"lora_embedding_A": self.A, "lora_embedding_B": self.B}
         bias = {} if self.b is None else {"lora_B.bias": self.b}
         return {"lora_A.weight": self.A, "lora_B.weight": self.B, **bias}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
 
     @staticmethod
     def peft_fields(cfg: LoraConfig) -> dict[str, Any]:

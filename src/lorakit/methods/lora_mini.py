@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,10 +69,9 @@ def outer_factors(cfg: LoraMiniConfig, d_in: int, d_out: int) -> tuple[torch.Ten
     family="F2",
     params="r*(a+b)",
 )
-class LoraMini(nn.Module):
+class LoraMini(AdapterModule):
     """x ↦ W₀x + s·B_out·B_in·A_in·A_out·x with frozen buffers A_out, B_out and trained A_in, B_in."""
 
-    peft_type = None
     A_out: torch.Tensor
     B_out: torch.Tensor
 
@@ -119,15 +118,6 @@ class LoraMini(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"lora_mini_A_in": self.A_in, "lora_mini_B_in": self.B_in}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: LoraMiniConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LoraMiniConfig | None:
-        return None  # PEFT has no LoRA-Mini; lorakit's own dirs carry the config in their 'lorakit' block

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +63,9 @@ def svd_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     params="r*r",
     identity_at_init=False,  # R ~ N(0, 1e-10): within ~1e-5 of the base, not exactly it (init_std=0 is exact)
 )
-class LoraXS(nn.Module):
+class LoraXS(AdapterModule):
     """x ↦ W₀x + s·U·R·SV·x with frozen buffers U (out, r), SV = Σ_r V_rᵀ (r, in) and trained R (r, r)."""
 
-    peft_type = None
     U: torch.Tensor
     SV: torch.Tensor
 
@@ -108,14 +107,6 @@ class LoraXS(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"lora_xs_R": self.R}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.R.copy_(state["lora_xs_R"])
-
     @staticmethod
     def peft_fields(cfg: LoraXSConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.r if cfg.alpha is None else cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LoraXSConfig | None:
-        return None  # PEFT has no LoRA-XS; lorakit's own dirs carry the config in their 'lorakit' block

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,10 +79,8 @@ def contract(cores: nn.ParameterList | list[torch.Tensor]) -> torch.Tensor:
     # n = ⌈d^(1/order)⌉ per side; the 1e-9 absorbs float error in roots of exact powers (64**(1/3) < 4)
     params="tt_rank*(2*r+((order-1)*tt_rank+1)*(-(-(d_in**(1/order)-1e-9)//1)-(-(d_out**(1/order)-1e-9)//1)))",
 )
-class Loretta(nn.Module):
+class Loretta(AdapterModule):
     """x ↦ W₀x + s·B·A·x with A = TT(A cores)[:, :in] (r, in) and Bᵀ = TT(B cores)[:, :out] (r, out)."""
-
-    peft_type = None
 
     def __init__(self, cfg: LorettaConfig, d_in: int, d_out: int, kind: str, weight: torch.Tensor):
         super().__init__()
@@ -134,15 +132,6 @@ class Loretta(nn.Module):
         A = {f"loretta_A.{k}": core for k, core in enumerate(self.A_cores)}
         return A | {f"loretta_B.{k}": core for k, core in enumerate(self.B_cores)}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: LorettaConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha, "tensor_rank": cfg.tt_rank, "order": cfg.order}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LorettaConfig | None:
-        return None  # PEFT has no LoRETTA; lorakit's own dirs carry the config in their 'lorakit' block

@@ -15,16 +15,16 @@ layer (``params``) plus r·(in + out) per group (``shared_params``).
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,22 +49,6 @@ class SharedFactors(nn.Module):
         super().__init__()
         self.U = nn.Parameter(torch.randn(d_out, r, **factory))  # (out, r)
         self.V = nn.Parameter(torch.randn(d_in, r, **factory))  # (in, r)
-        self.bases: list[int] = []  # ids of the member base layers: one attach meets each base once
-        self.open = True  # joinable while its attach is building layers
-
-
-# (id(config), in, out, device, dtype) -> the open group of that attach. Weak: it lives while a member adapter
-# holds it, and every member holds that config, so the id cannot be reused meanwhile.
-_OPEN: weakref.WeakValueDictionary[tuple[Any, ...], SharedFactors] = weakref.WeakValueDictionary()
-
-
-def _group_for(cfg: LotrConfig, base: nn.Module, d_in: int, d_out: int, factory: dict[str, Any]) -> SharedFactors:
-    key = (id(cfg), d_in, d_out, str(factory["device"]), str(factory["dtype"]))  # a group lives on one device
-    shared = _OPEN.get(key)
-    if shared is None or not shared.open or id(base) in shared.bases:  # a new attach: a new group
-        shared = _OPEN[key] = SharedFactors(d_in, d_out, cfg.r, factory)
-    shared.bases.append(id(base))
-    return shared
 
 
 @register(
@@ -75,16 +59,15 @@ def _group_for(cfg: LotrConfig, base: nn.Module, d_in: int, d_out: int, factory:
     family="F2",
     params="r*r",  # per layer; U and V add r*(d_in+d_out) once per shape group (Lotr.shared_params)
 )
-class Lotr(nn.Module):
+class Lotr(AdapterModule):
     """x ↦ W₀x + s·U·(G·(Vᵀx)) with U (out, r), V (in, r) shared per shape group and G (r, r) per layer."""
 
-    peft_type = None
     shared_params: ClassVar[str] = "r*(d_in+d_out)"  # trainable parameters of one shape group's U and V
 
     def __init__(self, cfg: LotrConfig, shared: SharedFactors, kind: str):
         super().__init__()
         self.config, self.scale, self.shared = cfg, cfg.alpha / cfg.r, shared
-        self.owner = len(shared.bases) == 1  # the group's first layer saves U and V
+        self.owner = True  # the group's first layer saves U and V (bind_shared clears it on the others)
         self.G = nn.Parameter(torch.zeros(cfg.r, cfg.r, dtype=shared.U.dtype, device=shared.U.device))  # (r, r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and kind != "embedding" else nn.Identity()
 
@@ -93,12 +76,19 @@ class Lotr(nn.Module):
         d_in, d_out = L.dims(base)
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         factory: dict[str, Any] = {"dtype": weight.dtype if weight.is_floating_point() else None}
-        shared = _group_for(cfg, base, d_in, d_out, factory | {"device": weight.device})
+        shared = SharedFactors(d_in, d_out, cfg.r, factory | {"device": weight.device})  # own until bound
         return cls(cfg, shared, L.layer_kind(base))
 
-    def train(self, mode: bool = True) -> Lotr:
-        self.shared.open = False  # attach sets the mode once all its layers are built: the group is complete
-        return super().train(mode)
+    @classmethod
+    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
+        """One U, V per shape group (config, in, out, device, dtype) of this attach; the first member owns it."""
+        groups: dict[tuple[Any, ...], SharedFactors] = {}
+        for adapter in adapters.values():
+            assert isinstance(adapter, Lotr)
+            U, V = adapter.shared.U, adapter.shared.V
+            key = (adapter.config, V.shape[0], U.shape[0], str(U.device), str(U.dtype))
+            adapter.owner = key not in groups
+            adapter.shared = groups.setdefault(key, adapter.shared)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         h = L.project_in(base, self.dropout(x), self.shared.V.T)  # (..., r) = Vᵀx
@@ -124,15 +114,6 @@ class Lotr(nn.Module):
         shared = {"lotr_U": self.shared.U, "lotr_V": self.shared.V} if self.owner else {}
         return {"lotr_G": self.G, **shared}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: LotrConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> LotrConfig | None:
-        return None  # PEFT has no LoTR; lorakit's own dirs carry the config in their 'lorakit' block

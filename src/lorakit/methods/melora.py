@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,10 +49,8 @@ class MeloraConfig:
     family="F2",
     params="r*(d_in+d_out)",
 )
-class Melora(nn.Module):
+class Melora(AdapterModule):
     """x ↦ W₀x + s·B·A·x with A = blockdiag(A₁..A_n) (n·r, in) and B = blockdiag(B₁..B_n) (out, n·r)."""
-
-    peft_type = None
 
     def __init__(self, cfg: MeloraConfig, in_features: int, out_features: int, kind: str, weight: torch.Tensor):
         super().__init__()
@@ -113,15 +111,6 @@ class Melora(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"melora_A": self.A, "melora_B": self.B}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: MeloraConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> MeloraConfig | None:
-        return None  # PEFT has no MELoRA; lorakit's own dirs carry the config in their 'lorakit' block

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 VARIANTS = ("rope", "sharing")
 
@@ -58,10 +58,9 @@ def square_size(cfg: MoraConfig, d_in: int, d_out: int) -> int:
     params="(((r*(d_in+d_out))**0.5+0.5)//1)**2 if variant == 'sharing' else (2*(((r*(d_in+d_out))**0.5/2+0.5)//1))**2",
     layers=("linear", "conv1d"),  # as the authors' code
 )
-class Mora(nn.Module):
+class Mora(AdapterModule):
     """x ↦ W₀x + f_decomp(M·f_comp(x)) with M (r̂, r̂) and fixed index/rotation buffers."""
 
-    peft_type = None
     pad_index: torch.Tensor
     out_index: torch.Tensor
     cos: torch.Tensor
@@ -130,14 +129,6 @@ class Mora(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"mora_M": self.M}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.M.copy_(state["mora_M"])
-
     @staticmethod
     def peft_fields(cfg: MoraConfig) -> dict[str, Any]:
         return {"r": cfg.r, "use_mora": True, "mora_type": 1 if cfg.variant == "sharing" else 6}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> MoraConfig | None:
-        return None  # PEFT has no MoRA; lorakit's own dirs carry the config in their 'lorakit' block

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,10 +68,9 @@ def top_svd(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     family="F2",
     params="2*r*outer_r",
 )
-class Nora(nn.Module):
+class Nora(AdapterModule):
     """x ↦ W₀x + s·B_o·B_i·A_i·A_o·x with frozen buffers A_o (R, in), B_o (out, R) and trained A_i, B_i."""
 
-    peft_type = None
     A_o: torch.Tensor
     B_o: torch.Tensor
 
@@ -121,15 +120,6 @@ class Nora(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"nora_A": self.A_i, "nora_B": self.B_i}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: NoraConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> NoraConfig | None:
-        return None  # PEFT has no NoRA; lorakit's own dirs carry the config in their 'lorakit' block

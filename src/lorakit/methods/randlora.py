@@ -13,7 +13,7 @@ built from one config object share them, created at first use and sized to the l
 from __future__ import annotations
 
 import math
-import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 _SAME = ("r", "projection_prng_key", "sparse", "very_sparse")  # options named as in PEFT's adapter_config.json
 PEFT_NAMES = {o: o for o in _SAME} | {"alpha": "randlora_alpha", "dropout": "randlora_dropout"}  # option -> field
@@ -89,18 +89,6 @@ class SharedBases(nn.Module):
         return self.randlora_A, self.randlora_B
 
 
-_OPEN: dict[int, SharedBases] = {}  # id(config) -> its bases while not yet generated
-
-
-def _bases_for(cfg: RandLoraConfig, d_in: int, d_out: int) -> SharedBases:
-    shared = _OPEN.get(id(cfg))
-    if shared is None or shared.randlora_A.numel() > 0:  # generated bases are fixed: later layers get new ones
-        shared = _OPEN[id(cfg)] = SharedBases(cfg)
-        weakref.finalize(cfg, _OPEN.pop, id(cfg), None)
-    shared.max_out, shared.max_in = max(shared.max_out, d_out), max(shared.max_in, d_in)
-    return shared
-
-
 @register(
     "randlora",
     config=RandLoraConfig,
@@ -110,7 +98,7 @@ def _bases_for(cfg: RandLoraConfig, d_in: int, d_out: int) -> SharedBases:
     params="-(-(d_in if d_in < d_out else d_out) // r) * (r + (d_in if d_in < d_out else d_out))",
     layers=("linear", "conv1d"),  # as PEFT's RandLoRA
 )
-class RandLora(nn.Module):
+class RandLora(AdapterModule):
     """x ↦ W₀x + s·Bf·((Λ ⊗ A ⊙ Γ)·x) (smaller side first), Λ (r, n) and Γ (n, min(d_in, d_out)) trained."""
 
     peft_type = "RANDLORA"
@@ -128,7 +116,19 @@ class RandLora(nn.Module):
     @classmethod
     def from_base(cls, base: nn.Module, cfg: RandLoraConfig) -> RandLora:
         d_in, d_out = L.dims(base)
-        return cls(cfg, d_in, d_out, _bases_for(cfg, d_in, d_out), L.weight_out_in(base))
+        shared = SharedBases(cfg)  # its own until bind_shared groups the attach
+        shared.max_out, shared.max_in = d_out, d_in
+        return cls(cfg, d_in, d_out, shared, L.weight_out_in(base))
+
+    @classmethod
+    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
+        """One set of bases per config of this attach, sized to its largest layer."""
+        groups: dict[RandLoraConfig, SharedBases] = {}
+        for adapter in adapters.values():
+            assert isinstance(adapter, RandLora)
+            shared = groups.setdefault(adapter.config, adapter.shared)
+            shared.max_out, shared.max_in = max(shared.max_out, adapter.d_out), max(shared.max_in, adapter.d_in)
+            adapter.shared = shared
 
     def factors(self) -> LoraFactors:
         """ΔW = scale·B·A as one LoRA of rank r·n: the scaled small basis on the smaller side, PEFT's order."""
@@ -158,11 +158,6 @@ class RandLora(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"randlora_lambda": self.randlora_lambda, "randlora_gamma": self.randlora_gamma}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
 
     @staticmethod
     def peft_fields(cfg: RandLoraConfig) -> dict[str, Any]:

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,10 +55,9 @@ class SaltConfig:
     family="F2",
     params="2*k + r*(d_in+d_out)",
 )
-class Salt(nn.Module):
+class Salt(AdapterModule):
     """x ↦ W₀x + U·((ReLU(a⊙σ+b) − σ) ⊙ Vh·x) + s·P_U⊥·B·A·P_V⊥·x with frozen U (out, k), σ (k,), Vh (k, in)."""
 
-    peft_type = None
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
@@ -124,15 +123,6 @@ class Salt(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"salt_scale": self.a, "salt_shift": self.b, "lora_A.weight": self.A, "lora_B.weight": self.B}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: SaltConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.r if cfg.alpha is None else cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> SaltConfig | None:
-        return None  # PEFT has no SALT; lorakit's own dirs carry the config in their 'lorakit' block

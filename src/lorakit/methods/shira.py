@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import AdapterFormatError
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +55,7 @@ def random_mask_indices(d_out: int, d_in: int, nnz: int, seed: int | None) -> to
     params="r*(d_in+d_out)",
     layers=("linear", "conv1d"),
 )
-class Shira(nn.Module):
+class Shira(AdapterModule):
     """x ↦ W₀x + ΔW·x, ΔW[rows, cols] = values (trainable), zero elsewhere."""
 
     peft_type = "SHIRA"

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,10 +52,9 @@ class SingLoraConfig:
     family="F2",
     params="r*(d_in if d_in > d_out else d_out)",
 )
-class SingLora(nn.Module):
+class SingLora(AdapterModule):
     """x ↦ W₀x + u(t)·s·A_out·(A_inᵀ·x) with A_out = A[:d_out] (out, r), A_in = A[:d_in] (in, r), s = α/r."""
 
-    peft_type = None
     step: torch.Tensor
 
     def __init__(self, cfg: SingLoraConfig, d_in: int, d_out: int, kind: str, weight: torch.Tensor):
@@ -107,15 +106,6 @@ class SingLora(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"singlora_A": self.A, "singlora_step": self.step}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.A.copy_(state["singlora_A"])
-            self.step.copy_(state["singlora_step"])
-
     @staticmethod
     def peft_fields(cfg: SingLoraConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> SingLoraConfig | None:
-        return None  # PEFT has no SingLoRA; lorakit's own dirs carry the config in their 'lorakit' block

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,10 +72,9 @@ def energy_rank(S: torch.Tensor, tau: float) -> int:
     params="r*((d_out//block)*(d_in//block) + block*block)",  # with energy set, r is the cap
     layers=("linear", "conv1d"),
 )
-class Soka(nn.Module):
+class Soka(AdapterModule):
     """x ↦ W₀x + Σ_k (A_k ⊗ B_k − A⁰_k ⊗ B⁰_k)·x, applied block-wise (never materialised)."""
 
-    peft_type = None
     A0: torch.Tensor
     B0: torch.Tensor
 
@@ -137,15 +136,6 @@ class Soka(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"soka_A": self.A, "soka_B": self.B}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: SokaConfig) -> dict[str, Any]:
         return {"r": cfg.r, "block": cfg.block, "energy": cfg.energy}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> SokaConfig | None:
-        return None  # PEFT has no SoKA; lorakit's own dirs carry the config in their 'lorakit' block

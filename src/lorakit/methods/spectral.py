@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 from lorakit.methods.nora import top_svd
 
 MODES = ("additive", "rotation")
@@ -53,10 +53,9 @@ def cayley(P: torch.Tensor) -> torch.Tensor:
     family="F2",
     params="r*(d_in+d_out) if mode == 'additive' else 2*r*r",
 )
-class Spectral(nn.Module):
+class Spectral(AdapterModule):
     """x ↦ W₀x + ΔW·x with ΔW from the tuned top-r singular vectors (frozen buffers U, S, Vh)."""
 
-    peft_type = None
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
@@ -123,15 +122,6 @@ class Spectral(nn.Module):
             return {"spectral_A": self.A, "spectral_B": self.B}
         return {"spectral_P_U": self.P_U, "spectral_P_V": self.P_V}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: SpectralConfig) -> dict[str, Any]:
         return {"r": cfg.r, "mode": cfg.mode}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> SpectralConfig | None:
-        return None  # PEFT has no Spectral Adapter; lorakit's own dirs carry the config in their 'lorakit' block

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.fft import fft, ifft, irfft, rfft
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 STRUCTURES = ("circulant", "toeplitz", "ldr")
 
@@ -72,10 +72,8 @@ def skew_mul(h: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
     ),
     layers=("linear", "conv1d"),
 )
-class Surm(nn.Module):
+class Surm(AdapterModule):
     """x ↦ W₀x + s·ΔW·x with ΔW circulant, Toeplitz or Σ_k circulant·skew-circulant (cropped to (out, in))."""
-
-    peft_type = None
 
     def __init__(self, cfg: SurmConfig, d_in: int, d_out: int, weight: torch.Tensor):
         super().__init__()
@@ -136,15 +134,6 @@ class Surm(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {f"surm_{key}": p for key, p in self.generators.items()}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: SurmConfig) -> dict[str, Any]:
         return {"structure": cfg.structure, "r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> SurmConfig | None:
-        return None  # PEFT has no SURM; lorakit's own dirs carry the config in their 'lorakit' block

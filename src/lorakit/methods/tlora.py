@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,10 +65,8 @@ def kron_sum(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     # n_o, n_i = ⌈√d⌉ (the 1e-9 absorbs float error in roots of perfect squares)
     params="2*(no := -(-(d_out**0.5-1e-9)//1))*(t_rank*no + r*-(-(d_in**0.5-1e-9)//1))",
 )
-class Tlora(nn.Module):
+class Tlora(AdapterModule):
     """x ↦ T·(W₀x) + R·x + b with T = crop(Σ T1_a ⊗ T2_a) (out, out) and R = crop(Σ R1_b ⊗ R2_b) (out, in)."""
-
-    peft_type = None
 
     def __init__(self, cfg: TloraConfig, d_in: int, d_out: int, kind: str, weight: torch.Tensor):
         super().__init__()
@@ -123,15 +121,6 @@ class Tlora(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"tlora_T1": self.T1, "tlora_T2": self.T2, "tlora_R1": self.R1, "tlora_R2": self.R2}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: TloraConfig) -> dict[str, Any]:
         return {"r": cfg.r, "t_rank": cfg.t_rank, "dropout": cfg.dropout}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> TloraConfig | None:
-        return None  # PEFT has no TLoRA; lorakit's own dirs carry the config in their 'lorakit' block

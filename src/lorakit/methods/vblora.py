@@ -12,7 +12,7 @@ as PEFT: bank ~ U(−bound, bound), logits ~ N(0, std²), so ΔW ≠ 0. The bank
 from __future__ import annotations
 
 import math
-import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 BANK_KEY = "base_model.vblora_vector_bank"  # PEFT's model-level key (adapter name stripped)
 PEFT_NAMES = ("r", "num_vectors", "vector_length", "topk", "init_vector_bank_bound", "init_logits_std")
@@ -64,21 +64,6 @@ class VectorBank(nn.Module):
         super().__init__()
         bound = cfg.init_vector_bank_bound
         self.bank = nn.Parameter(torch.empty(cfg.num_vectors, cfg.vector_length, **factory).uniform_(-bound, bound))
-        self.bases: list[int] = []  # ids of the member base layers: one attach meets each base once
-        self.open = True  # joinable while its attach is building layers
-
-
-_OPEN: weakref.WeakValueDictionary[tuple[Any, ...], VectorBank] = weakref.WeakValueDictionary()
-
-
-def _group_for(cfg: VBLoraConfig, base: nn.Module, factory: dict[str, Any]) -> VectorBank:
-    # rank_pattern changes r only, so the layers of one attach share the bank whatever their config object
-    key = (cfg.num_vectors, cfg.vector_length, cfg.init_vector_bank_bound, *map(str, factory.values()))
-    shared = _OPEN.get(key)
-    if shared is None or not shared.open or id(base) in shared.bases:  # a new attach: a new bank
-        shared = _OPEN[key] = VectorBank(cfg, factory)
-    shared.bases.append(id(base))
-    return shared
 
 
 def mix(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,7 +83,7 @@ def mix(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     mergeable=True,
     layers=("linear", "conv1d"),  # PEFT's VB-LoRA wraps Linear and Conv1D only
 )
-class VBLora(nn.Module):
+class VBLora(AdapterModule):
     """x ↦ W₀x + B·(A·x), A and B composed from the shared bank by top-k admixture of per-layer logits."""
 
     peft_type = "VBLORA"
@@ -107,7 +92,7 @@ class VBLora(nn.Module):
     def __init__(self, cfg: VBLoraConfig, shared: VectorBank, d_in: int, d_out: int, kind: str):
         super().__init__()
         self.config, self.shared = cfg, shared
-        self.owner = len(shared.bases) == 1  # the attach's first layer saves the bank
+        self.owner = True  # the attach's first layer saves the bank (bind_shared clears it on the others)
         b, n, std, like = cfg.vector_length, cfg.num_vectors, cfg.init_logits_std, shared.bank
         self.logits_A = nn.Parameter(torch.randn(cfg.r, d_in // b, n).to(like) * std)  # (r, in/b, n)
         self.logits_B = nn.Parameter(torch.randn(d_out // b, cfg.r, n).to(like) * std)  # (out/b, r, n)
@@ -124,11 +109,18 @@ class VBLora(nn.Module):
             )
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         factory = {"dtype": weight.dtype if weight.is_floating_point() else None, "device": weight.device}
-        return cls(cfg, _group_for(cfg, base, factory), d_in, d_out, L.layer_kind(base))
+        return cls(cfg, VectorBank(cfg, factory), d_in, d_out, L.layer_kind(base))  # its own bank until bound
 
-    def train(self, mode: bool = True) -> VBLora:
-        self.shared.open = False  # attach sets the mode once all its layers are built: the bank is complete
-        return super().train(mode)
+    @classmethod
+    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
+        """One bank per attach (rank_pattern changes r only, so every layer shares it); the first layer owns it."""
+        banks: dict[tuple[Any, ...], VectorBank] = {}
+        for adapter in adapters.values():
+            assert isinstance(adapter, VBLora)
+            c, bank = adapter.config, adapter.shared.bank
+            key = (c.num_vectors, c.vector_length, c.init_vector_bank_bound, str(bank.dtype), str(bank.device))
+            adapter.owner = key not in banks
+            adapter.shared = banks.setdefault(key, adapter.shared)
 
     def factors(self) -> LoraFactors:
         """A (r, in) from z_A's sub-vectors laid along in; B (out, r) from z_B's laid along out; scale 1."""
@@ -154,11 +146,6 @@ class VBLora(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"vblora_logits_A": self.logits_A, "vblora_logits_B": self.logits_B}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.logits_A.copy_(state["vblora_logits_A"])
-            self.logits_B.copy_(state["vblora_logits_B"])
 
     def export_shared(self) -> dict[str, torch.Tensor]:
         """The bank under PEFT's full file key, from the attach's first layer only."""

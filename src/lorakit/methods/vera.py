@@ -12,16 +12,16 @@ and sized to the largest of them — for one ``attach`` or ``load_adapter`` call
 from __future__ import annotations
 
 import math
-import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import truncate
+from lorakit import layers as L
+from lorakit.lowrank import truncate
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,19 +75,6 @@ class SharedProjection(nn.Module):
         return self.vera_A, self.vera_B
 
 
-# id(config) -> the projection its layers share. Weak: an entry lives as long as some adapter holds the
-# projection, and every such adapter holds that config, so the id cannot be reused meanwhile.
-_OPEN: weakref.WeakValueDictionary[int, SharedProjection] = weakref.WeakValueDictionary()
-
-
-def _projection_for(cfg: VeraConfig, d_in: int, d_out: int) -> SharedProjection:
-    shared = _OPEN.get(id(cfg))
-    if shared is None or shared.generated:  # a generated projection is fixed: later layers get a new one
-        shared = _OPEN[id(cfg)] = SharedProjection(cfg.projection_prng_key, cfg.r)
-    shared.max_in, shared.max_out = max(shared.max_in, d_in), max(shared.max_out, d_out)
-    return shared
-
-
 @register(
     "vera",
     config=VeraConfig,
@@ -97,7 +84,7 @@ def _projection_for(cfg: VeraConfig, d_in: int, d_out: int) -> SharedProjection:
     params="r+d_out",
     layers=("linear", "conv1d"),  # as PEFT's VeRA
 )
-class Vera(nn.Module):
+class Vera(AdapterModule):
     """x ↦ W₀x + b ⊙ (B·(d ⊙ (A·x))) with shared frozen A (r, in), B (out, r) and trained b (out,), d (r,)."""
 
     peft_type = "VERA"
@@ -117,7 +104,19 @@ class Vera(nn.Module):
     def from_base(cls, base: nn.Module, cfg: VeraConfig) -> Vera:
         d_in, d_out = L.dims(base)
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
-        return cls(cfg, d_in, d_out, _projection_for(cfg, d_in, d_out), weight)
+        shared = SharedProjection(cfg.projection_prng_key, cfg.r)  # its own until bind_shared groups the attach
+        shared.max_in, shared.max_out = d_in, d_out
+        return cls(cfg, d_in, d_out, shared, weight)
+
+    @classmethod
+    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
+        """One projection per config of this attach, sized to its largest layer (rank_pattern: one per r)."""
+        groups: dict[VeraConfig, SharedProjection] = {}
+        for adapter in adapters.values():
+            assert isinstance(adapter, Vera)
+            shared = groups.setdefault(adapter.config, adapter.shared)
+            shared.max_in, shared.max_out = max(shared.max_in, adapter.d_in), max(shared.max_out, adapter.d_out)
+            adapter.shared = shared
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slices A[:, :d_in] (r, in) and B[:d_out] (out, r) of the shared pair."""
@@ -145,11 +144,6 @@ class Vera(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
-
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
 
     @staticmethod
     def peft_fields(cfg: VeraConfig) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.methods import _layers as L
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods._lowrank import factorize
+from lorakit import layers as L
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,10 +74,8 @@ def idwt2(coeffs: torch.Tensor, level: int) -> torch.Tensor:
     family="F2",
     params="r*(d_in+d_out)",
 )
-class Wara(nn.Module):
+class Wara(AdapterModule):
     """x ↦ W₀x + IDWT(s·B·A)·x with A (r, in), B (out, r)."""
-
-    peft_type = None
 
     def __init__(self, cfg: WaraConfig, d_in: int, d_out: int, kind: str, weight: torch.Tensor):
         super().__init__()
@@ -121,15 +119,6 @@ class Wara(nn.Module):
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"wara_A": self.A, "wara_B": self.B}
 
-    def import_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, param in self.export_state().items():
-                param.copy_(state[key])
-
     @staticmethod
     def peft_fields(cfg: WaraConfig) -> dict[str, Any]:
         return {"r": cfg.r, "lora_alpha": cfg.alpha, "level": cfg.level}
-
-    @staticmethod
-    def config_from_peft(fields: dict[str, Any]) -> WaraConfig | None:
-        return None  # PEFT has no WaRA; lorakit's own dirs carry the config in their 'lorakit' block

@@ -43,7 +43,7 @@ from lorakit.io.atomic import atomic_dir
 from lorakit.io.collection import Collection, check_name, is_collection
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
 from lorakit.methods._api import LoraFactors
-from lorakit.methods._lowrank import truncate
+from lorakit.lowrank import truncate
 
 FORMATS = ("vllm",)
 MANIFEST = "lorakit-export.json"
@@ -205,7 +205,7 @@ def _convert(path: Path, fields: dict[str, Any], model: nn.Module, rank: int | N
     """Load a non-LoRA adapter onto ``model`` and express each module as LoRA with its ``to_lora``."""
     from lorakit.inject import delete_adapter, saved_modules, wrappers
     from lorakit.io.adapter import base_fingerprint, load_adapter
-    from lorakit.methods import _layers as L
+    from lorakit import layers as L
 
     name = "lorakit_export"
     load_adapter(model, path, name=name)

@@ -79,6 +79,7 @@ def _convert(model: nn.Module, path: Path) -> AdapterFactors:
     """Load a non-LoRA adapter onto ``model`` for a moment and read every layer's ``to_lora``."""
     import lorakit as lk
     from lorakit.inject import saved_modules, wrappers
+    from lorakit.layers import layer_kind
 
     lk.load_adapter(model, path, name=CONVERT_NAME)
     try:
@@ -87,7 +88,7 @@ def _convert(model: nn.Module, path: Path) -> AdapterFactors:
             if CONVERT_NAME in wrapper.adapters:
                 adapter: Any = wrapper.adapters[CONVERT_NAME]
                 factors[name] = adapter.to_lora(wrapper.base_layer)
-                kinds[name] = getattr(adapter, "kind", "linear")
+                kinds[name] = layer_kind(wrapper.base_layer)
         saved: dict[str, dict[str, torch.Tensor]] = {n: {} for n, h in saved_modules(model) if CONVERT_NAME in h.copies}
         return AdapterFactors(factors, kinds, saved)
     finally:

@@ -1,10 +1,22 @@
-"""Low-rank factor algebra shared by methods, merging, extraction and analysis: SVDs from factors, truncation."""
+"""The plain low-rank form of an update and its algebra: SVDs from factors, truncation.
+
+The dependency-light core of lorakit: it imports torch and nothing else from lorakit, so extraction,
+merging, analysis and serving can use it without loading the method registry or transformers.
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from lorakit.methods._api import LoraFactors
+
+class LoraFactors(NamedTuple):
+    """Plain low-rank form of an update: ΔW = scale · B @ A in (out, in) orientation."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
 
 
 def factorize(delta: torch.Tensor, rank: int) -> LoraFactors:

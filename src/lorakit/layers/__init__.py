@@ -1,0 +1,74 @@
+"""Base-layer kinds: how adapters read a wrapped layer, one file per kind, registered by decorator.
+
+Every kind is seen through one lens, a linear map from ``in`` to ``out``: ``nn.Linear`` stores W as
+(out, in); transformers' GPT-2 ``Conv1D`` stores (in, out); ``nn.Embedding`` stores (num_embeddings,
+dim) and is linear in the one-hot token. Methods work in (out, in) orientation and call the
+functions below, which dispatch on the layer's kind; importing this package registers every kind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import torch
+from torch import nn
+
+from lorakit.errors import TargetError
+from lorakit.layers._api import KINDS, LayerKind, kind_of, register_kind
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+SUPPORTED: tuple[type[nn.Module], ...] = tuple(t for k in KINDS.values() for t in k.types)
+
+
+def _kind(base: nn.Module, name: str = "") -> type[LayerKind]:
+    kind = kind_of(base)
+    if kind is None:
+        where = f"module {name!r}" if name else "a target module"
+        supported = ", ".join(f"{t.__module__}.{t.__name__}" for k in KINDS.values() for t in k.types)
+        raise TargetError(
+            f"{where} is a {type(base).__module__}.{type(base).__name__}, which lorakit adapters cannot wrap; "
+            f"supported types are {supported}. Narrow `targets` or add the module to `exclude`."
+        )
+    return kind
+
+
+def layer_kind(base: nn.Module, name: str = "") -> str:
+    """The kind's name ('linear', 'conv1d', 'embedding', ...); an unsupported type is a TargetError naming it."""
+    return _kind(base, name).name
+
+
+def dims(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of the base layer seen as a linear map."""
+    return _kind(base).dims(base)
+
+
+def weight_out_in(base: nn.Module) -> torch.Tensor:
+    """The base weight as an (out, in) matrix (a view, no copy, for the dense kinds)."""
+    return _kind(base).weight_out_in(base)
+
+
+def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """Turn an (out, in) delta into the base weight's own layout."""
+    return _kind(base).to_base_layout(base, delta)
+
+
+def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """x ↦ A·x for A (r, in): a matmul for linear maps, a row lookup of Aᵀ for embeddings."""
+    return _kind(base).project_in(base, x, A)
+
+
+def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """W·x without the bias (DoRA rescales only the weight's contribution)."""
+    return _kind(base).base_linear(base, x)
+
+
+def base_bias(base: nn.Module) -> torch.Tensor | None:
+    return _kind(base).base_bias(base)
+
+
+__all__ = ["KINDS", "SUPPORTED", "LayerKind", "base_bias", "base_linear", "dims", "kind_of", "layer_kind"]
+__all__ += ["project_in", "register_kind", "to_base_layout", "weight_out_in"]

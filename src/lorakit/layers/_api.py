@@ -1,0 +1,78 @@
+"""The base-layer kind contract and its registry.
+
+A kind says how adapters see one type of wrapped layer as a linear map from ``in`` to ``out``: its
+dimensions, its dense weight in (out, in) orientation, how a delta goes back into its own weight
+layout, and how a projection A (r, in) applies to its input. Methods call only these, so a new kind
+(a quantized Linear, a Conv2d) is one file here and no method changes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+class LayerKind(Protocol):
+    """How adapters read one type of base layer (all tensors in the layer's device and dtype)."""
+
+    name: ClassVar[str]
+    """The kind's name, as methods list it in ``@register(layers=...)``: 'linear', 'conv1d', ..."""
+    types: ClassVar[tuple[type[nn.Module], ...]]
+    """The module classes of this kind (subclasses match too)."""
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        """(in_features, out_features) of the layer seen as a linear map."""
+        ...
+
+    @staticmethod
+    def weight_out_in(base: nn.Module) -> torch.Tensor:
+        """The dense weight as an (out, in) matrix (a view where the layout allows)."""
+        ...
+
+    @staticmethod
+    def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        """An (out, in) delta in the layer's own weight layout, so that merged weight = weight + delta."""
+        ...
+
+    @staticmethod
+    def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """x ↦ A·x for A (r, in), shape (..., r), on the layer's input x."""
+        ...
+
+    @staticmethod
+    def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """W·x without the bias."""
+        ...
+
+    @staticmethod
+    def base_bias(base: nn.Module) -> torch.Tensor | None:
+        """The output bias the layer adds, or None."""
+        ...
+
+
+KINDS: dict[str, type[LayerKind]] = {}
+_BY_TYPE: dict[type, type[LayerKind] | None] = {}  # cache: module class -> its kind (None: unsupported)
+
+
+def register_kind(cls: type[LayerKind]) -> type[LayerKind]:
+    """Class decorator that adds a base-layer kind to :data:`KINDS` under ``cls.name``."""
+    if cls.name in KINDS and KINDS[cls.name] is not cls:
+        raise ValueError(f"layer kind {cls.name!r} is registered twice ({KINDS[cls.name]} and {cls})")
+    KINDS[cls.name] = cls
+    _BY_TYPE.clear()
+    return cls
+
+
+def kind_of(base: nn.Module) -> type[LayerKind] | None:
+    """The registered kind of ``base`` (exact class first, then the first kind it subclasses), or None."""
+    t = type(base)
+    try:
+        return _BY_TYPE[t]
+    except KeyError:
+        exact = [k for k in KINDS.values() if t in k.types]
+        found = exact[0] if exact else next((k for k in KINDS.values() if issubclass(t, k.types)), None)
+        _BY_TYPE[t] = found
+        return found
