@@ -10,7 +10,6 @@ Linear/Conv1D except the output head). Modules an adapter replaces whole (PEFT's
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import re
@@ -22,67 +21,16 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.errors import ConfigError, TargetError
-from lorakit.io.peft_format import name_matches
 from lorakit import layers as L
+from lorakit.errors import ConfigError, TargetError
+from lorakit.initialize import check_init, needs_calibration, run_init_option
+from lorakit.io.peft_format import name_matches
+from lorakit.layers._wrapper import WRAPPERS, AdaptedLayer, SavedModule, disabled, holders
 from lorakit.methods._api import AdapterModule, MethodSpec, spec_of_config
 
 Targets = str | Sequence[str]
-
-
-class _Wrapper(nn.Module):
-    """Stands in for ``base_layer``: attributes it lacks (weight, bias, in_features, ...) are the base's."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
-
-class AdaptedLayer(_Wrapper):
-    """A base layer plus named adapters: forward = active adapter applied to the base output."""
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base_layer = base
-        self.adapters = nn.ModuleDict()
-        self.active: str | None = None
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        base, adapters, active = self.base_layer, self.adapters, self.active  # one lookup each: runs per layer per step
-        if active is None or active not in adapters:
-            return base(x, *args, **kwargs)
-        adapter: AdapterModule = adapters[active]  # type: ignore[assignment]
-        if torch.is_grad_enabled() and not args and not kwargs:  # training: base + adapter in one autograd node?
-            out = adapter.fused_forward(x, base)
-            if out is not None:
-                return out
-        return adapter(x, base, base(x, *args, **kwargs))
-
-
-class SavedModule(_Wrapper):
-    """A module replaced whole per adapter (PEFT's ``modules_to_save``): forward runs the active copy."""
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base_layer = base
-        self.copies = nn.ModuleDict()
-        self.active: str | None = None
-
-    def current(self) -> nn.Module:
-        """The active adapter's copy, or the original when that adapter saved none (or none is active)."""
-        if self.active is not None and self.active in self.copies:
-            return self.copies[self.active]
-        return self.base_layer
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)
-
-
-WRAPPERS = (AdaptedLayer, SavedModule)
+__all__ = ["AdaptedLayer", "SavedModule", "attach", "delete_adapter", "disabled", "merge", "set_active"]
+__all__ += ["active_adapter", "adapter_info", "adapter_names", "find_targets", "logical_modules", "wrappers"]
 
 
 @dataclass
@@ -176,6 +124,11 @@ def module_config(cfg: Any, name: str, rank_pattern: Mapping | None, alpha_patte
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def _base_of(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
 def _wrapper_for(model: nn.Module, name: str) -> AdaptedLayer:
     module = model.get_submodule(name)
     if isinstance(module, AdaptedLayer):
@@ -211,7 +164,7 @@ def attach(
     Returns ``model``.
     """
     spec = spec_of_config(cfg)
-    if initialize and spec.needs_calibration and calibration is None:
+    if initialize and needs_calibration(spec, cfg) and calibration is None:
         raise ConfigError(
             f"method {spec.name!r} initialises from data; pass calibration=batches (dicts with input_ids, "
             "attention_mask, labels) to attach, or --init-batches N on the CLI."
@@ -223,17 +176,9 @@ def attach(
     chosen = find_targets(model, targets, exclude)
     previous = active_adapter(model)
     saved = _saved_targets(model, modules_to_save or [], chosen)
-    built: dict[str, AdapterModule] = {}
-    for module_name in chosen:  # build all first, so a failure leaves the model untouched
-        base = model.get_submodule(module_name)
-        base = base.base_layer if isinstance(base, AdaptedLayer) else base
-        if L.layer_kind(base, module_name) not in spec.layers:
-            raise TargetError(
-                f"method {spec.name!r} cannot wrap {module_name} ({type(base).__name__}); it supports "
-                f"{', '.join(spec.layers)} layers. Leave that module out of targets."
-            )
-        built[module_name] = spec.adapter.from_base(base, module_config(cfg, module_name, rank_pattern, alpha_pattern))
-    spec.adapter.bind_shared(built)  # layers that share tensors share them within this attach only
+    built = _build(model, spec, cfg, chosen, rank_pattern, alpha_pattern)
+    if initialize:
+        check_init(spec, cfg, {m: L.layer_kind(_base_of(model, m)) for m in chosen})
     for p in model.parameters():
         p.requires_grad_(False)
     for module_name, adapter in built.items():
@@ -249,6 +194,26 @@ def attach(
     return model
 
 
+def _build(
+    model: nn.Module,
+    spec: MethodSpec,
+    cfg: Any,
+    chosen: list[str],
+    rank_pattern: Mapping[str, int] | None,
+    alpha_pattern: Mapping[str, float] | None,
+) -> dict[str, AdapterModule]:
+    """One adapter per chosen module, all built before any is placed (a failure leaves the model untouched)."""
+    bases = {m: _base_of(model, m) for m in chosen}
+    for module_name, base in bases.items():
+        if L.layer_kind(base, module_name) not in spec.layers:
+            raise TargetError(
+                f"method {spec.name!r} cannot wrap {module_name} ({type(base).__name__}); it supports "
+                f"{', '.join(spec.layers)} layers. Leave that module out of targets."
+            )
+    cfgs = {m: module_config(cfg, m, rank_pattern, alpha_pattern) for m in chosen}
+    return spec.adapter.from_bases(bases, cfgs)  # tensors shared across layers are shared within this attach only
+
+
 def _initialize(
     model: nn.Module,
     name: str,
@@ -258,13 +223,22 @@ def _initialize(
     calibration: Iterable[Mapping[str, torch.Tensor]] | None,
     previous: str | None,
 ) -> None:
-    """Run the method's ``initialize`` hook; on failure the new adapter is removed again."""
+    """Run the init option (lorakit/initialize.py), then the method's ``initialize`` hook; on failure the new
+    adapter is removed again."""
     try:
         if calibration is not None and not isinstance(calibration, Iterable):
             raise ConfigError(
                 f"calibration must be an iterable of batches (dicts of tensors), got a {type(calibration).__name__}."
             )
         batches = None if calibration is None else [dict(b) if isinstance(b, Mapping) else b for b in calibration]
+        for module, new in run_init_option(model, spec, built, batches).items():
+            if new is None:  # the init left this layer unadapted
+                del built[module]
+                adapter_info(model, name).modules.remove(module)
+                if len(_wrapper_for(model, module).adapters) == 0:
+                    _replace(model, module, _wrapper_for(model, module).base_layer)
+            else:
+                built[module] = new
         spec.adapter.initialize(model, dict(built), cfg, batches)
     except BaseException:
         delete_adapter(model, name)
@@ -323,26 +297,8 @@ def set_active(model: nn.Module, name: str | None) -> None:
             module.requires_grad_(adapter_name == name)
 
 
-def _holders(model: nn.Module) -> list[AdaptedLayer | SavedModule]:
-    """Every wrapper of the model: adapted layers and saved-module holders."""
-    return [m for m in model.modules() if isinstance(m, (AdaptedLayer, SavedModule))]
-
-
 def active_adapter(model: nn.Module) -> str | None:
-    return next((w.active for w in _holders(model)), None)
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block; the previous active adapter comes back after."""
-    saved = [(w, w.active) for w in _holders(model)]
-    for w, _ in saved:
-        w.active = None
-    try:
-        yield model
-    finally:
-        for w, active in saved:
-            w.active = active
+    return next((w.active for w in holders(model)), None)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -385,9 +341,10 @@ def _merge_bias(base: nn.Module, adapter: AdapterModule) -> None:
     """Fold an adapter's output shift (LoRA's lora_bias) into the base bias, creating one if needed."""
     shift = adapter.delta_bias()
     if shift is not None:
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
         with torch.no_grad():
             old: Any = base.bias
-            new = shift.to(base.weight.dtype) + (0 if old is None else old)
+            new = shift.to(weight.dtype) + (0 if old is None else old)
         base.bias = nn.Parameter(new, requires_grad=False)
 
 
@@ -399,7 +356,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     out = model if inplace else copy.deepcopy(model)
     for module_name, wrapper in list(wrappers(out)):
-        base = wrapper.base_layer
+        base: Any = wrapper.base_layer
         if wrapper.active is not None and wrapper.active in wrapper.adapters:
             adapter: AdapterModule = wrapper.adapters[wrapper.active]  # type: ignore[assignment]
             spec = adapter_info(out, wrapper.active).spec
@@ -408,7 +365,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             with torch.no_grad():
                 delta = adapter.delta_weight(base)  # base layout
                 merged = base.weight + delta.to(base.weight.dtype)
-            _untie(out, base.weight)  # type: ignore[arg-type]
+            _untie(out, base.weight)
             base.weight = nn.Parameter(merged, requires_grad=False)
             _merge_bias(base, adapter)
         _replace(out, module_name, base)

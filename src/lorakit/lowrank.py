@@ -46,3 +46,13 @@ def truncate(f: LoraFactors, rank: int) -> LoraFactors:
     U, S, Vh = factor_svd(LoraFactors(f.A, f.B, 1.0), torch.float32)
     B = U[:, :rank] * S[:rank]  # (out, rank)
     return LoraFactors(Vh[:rank].to(f.A.dtype), B.to(f.B.dtype), f.scale)
+
+
+def principal(W: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r (out, r), S_r (r,), Vh_r (r, in)) of the top-r SVD of W: exact, or randomized with ``niter``
+    subspace iterations (``torch.svd_lowrank``, PEFT's ``pissa_niter_N``)."""
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+        return U[:, :r], S[:r], Vh[:r]
+    U, S, V = torch.svd_lowrank(W, q=r, niter=niter)  # U (out, r), S (r,), V (in, r)
+    return U, S, V.T

@@ -1,10 +1,12 @@
-"""Every registered method × every supported layer kind, through the same checks.
+"""Every registered method, and every registered init on every method it applies to, × every supported
+layer kind, through the same checks.
 
-Parametrised from ``lorakit.methods.REGISTRY``: a method is tested the moment it registers.
-Behaviour the paper does not promise is keyed on the spec's flags (identity_at_init, mergeable).
-Initialisations that read data (``needs_calibration``) get tiny calibration batches in every attach;
-ones that rewrite the base weight (``base_shift``: PiSSA, LoRA-GA) are identities in that the
-residual base plus the adapter reproduces the original outputs, and save as plain LoRA.
+Parametrised from ``lorakit.methods.REGISTRY`` and ``lorakit.init.INITS``: a method or an init is tested
+the moment it registers (an init as ``method+init``, e.g. ``dora+pissa``). Behaviour the paper does not
+promise is keyed on the flags (identity_at_init, mergeable). Inits that read data get tiny calibration
+batches in every attach; ones that rewrite the base weight (PiSSA, LoRA-GA, and methods with their own
+base_shift) are identities in that the residual base plus the adapter reproduces the original outputs,
+and save relative to the original base (rank r + r_shift).
 """
 
 from __future__ import annotations
@@ -18,13 +20,44 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
+from lorakit.init import INITS
+from lorakit.initialize import needs_calibration
 from lorakit.inject import AdaptedLayer
 from lorakit.methods import REGISTRY
 from lorakit.methods.lora import LoraConfig
 from lorakit.testing import randomize_adapters
-from tests.helpers import MODELS, TARGETS_BY_CLASS, config_for, has_wrappers, logits, targets_for, tokens
+from tests.helpers import EMBEDDINGS, MODELS, TARGETS_BY_CLASS, config_for, has_wrappers, logits, tokens
 
-METHODS = sorted(REGISTRY)
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A method, or a method with an init option, and the flags the checks key on."""
+
+    method: str
+    init: str | None = None
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        own = REGISTRY[self.method].layers
+        return own if self.init is None else tuple(k for k in own if k in INITS[self.init].layers)
+
+    @property
+    def identity_at_init(self) -> bool:
+        return REGISTRY[self.method].identity_at_init and (self.init is None or INITS[self.init].identity_at_init)
+
+    @property
+    def mergeable(self) -> bool:
+        return REGISTRY[self.method].mergeable
+
+    def config(self, **opts: object) -> object:
+        return config_for(self.method, **opts) if self.init is None else config_for(self.method, init=self.init, **opts)
+
+    def __str__(self) -> str:
+        return self.method if self.init is None else f"{self.method}+{self.init}"
+
+
+SPECS = {str(c): c for c in [Case(m) for m in REGISTRY] + [Case(m, i) for i in INITS for m in INITS[i].methods]}
+METHODS = sorted(SPECS)
 CASES = [pytest.param(m, k, id=f"{m}-{k}") for m in METHODS for k in MODELS]
 
 
@@ -39,32 +72,42 @@ def fresh(kind: str, seed: int = 0) -> nn.Module:
 
 def calibration(method: str) -> list[dict[str, torch.Tensor]] | None:
     """Calibration batches (32 token rows, labels = inputs) for methods whose init reads data, else None."""
-    if not REGISTRY[method].needs_calibration:
+    case = SPECS[method]
+    if not needs_calibration(REGISTRY[case.method], case.config(r=4)):
         return None
     ids = tokens(batch=4, length=8, seed=7)
     return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
 
 
-def shifts_base(method: str) -> bool:
-    """The init rewrites the base weight (W_res = W − shift); disabling the adapter leaves W_res."""
-    return hasattr(REGISTRY[method].adapter, "base_shift")
+def shifts_base(model: nn.Module) -> bool:
+    """The init rewrote the base weight (W_res = W − shift); disabling the adapter leaves W_res."""
+    return any(a.base_shift() is not None for _, w in adapted_layers(model) for a in w.adapters.values())
+
+
+def targets_for(method: str, targets: list[str]) -> list[str]:
+    """``targets`` without the embedding modules when the case does not wrap embeddings."""
+    return targets if "embedding" in SPECS[method].layers else [t for t in targets if t not in EMBEDDINGS]
 
 
 def adapt(model: nn.Module, method: str, name: str = "default", seed: int = 0, *, randomize: bool = True):
     """tests.helpers.adapt (seeded init, r=4, every supported layer kind) plus calibration where needed."""
     torch.manual_seed(seed)
     targets = targets_for(method, TARGETS_BY_CLASS[type(model).__name__])
-    lk.attach(model, config_for(method, r=4), targets=targets, name=name, calibration=calibration(method))
+    lk.attach(model, SPECS[method].config(r=4), targets=targets, name=name, calibration=calibration(method))
     if randomize:
         randomize_adapters(model, seed=seed)
     return model
 
 
-def plain_lora(cfg: object) -> object:
-    """The LoraConfig part of a LoRA-shaped init's config (what it reads back as when saved as plain LoRA)."""
-    if isinstance(cfg, LoraConfig):
-        return LoraConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LoraConfig)})
-    return cfg
+def plain_lora(cfg: object, like: object) -> object:
+    """``cfg`` as it reads back from a PEFT-format dir whose config reads as ``like``: the LoRA options of a
+    LoRA-shaped config, its init done (a registered init's result is in the weights)."""
+    if not isinstance(cfg, LoraConfig) or not isinstance(like, LoraConfig):
+        return cfg
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(type(like))}
+    if fields["init"] not in ("default", "gaussian"):
+        fields |= {"init": "default", "init_options": ()}
+    return type(like)(**fields)
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
@@ -80,14 +123,14 @@ def out_in(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
 def test_wraps_every_layer_kind(method, kind):
     model = adapt(fresh(kind), method, randomize=False)
     kinds = {type(w.base_layer) for _, w in adapted_layers(model)}
-    assert (nn.Embedding in kinds) == ("embedding" in REGISTRY[method].layers)
+    assert (nn.Embedding in kinds) == ("embedding" in SPECS[method].layers)
     assert nn.Linear in kinds or Conv1D in kinds
     assert lk.adapter_names(model) == ["default"] and lk.active_adapter(model) == "default"
 
 
 @pytest.mark.parametrize("method, kind", CASES)
 def test_identity_at_init(method, kind, x):
-    if not REGISTRY[method].identity_at_init:
+    if not SPECS[method].identity_at_init:
         pytest.skip(f"{method}'s init is not an identity")
     model = fresh(kind)
     y0 = logits(model, x)
@@ -116,7 +159,7 @@ def test_merge_equals_forward_and_leaves_model_untouched(method, kind, x):
     model = adapt(fresh(kind), method)
     y = logits(model, x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    if not REGISTRY[method].mergeable:
+    if not SPECS[method].mergeable:
         with pytest.raises(lk.ConfigError, match=method):
             lk.merge(model)
         return
@@ -142,13 +185,14 @@ def test_save_load_round_trip(method, kind, x, tmp_path):
     torch.testing.assert_close(logits(loaded, x), y, atol=1e-6, rtol=0)
     ours = {n: w.adapters["default"].config for n, w in adapted_layers(model)}
     theirs = {n: w.adapters["again"].config for n, w in adapted_layers(loaded)}
-    if shifts_base(method):  # saved as a plain LoRA on the original base: rank r + rank of the shift
+    if shifts_base(model):  # saved for the original base: rank r + rank of the shift (own format or plain LoRA)
         extra = {n: w.adapters["default"].base_shift().A.shape[0] for n, w in adapted_layers(model)}
+        own = {n: w.adapters["default"].init_shift is not None for n, w in adapted_layers(model)}
         assert {n: (type(c).__name__, c.r) for n, c in theirs.items()} == {
-            n: ("LoraConfig", c.r + extra[n]) for n, c in ours.items()
+            n: (type(c).__name__ if own[n] else "LoraConfig", c.r + extra[n]) for n, c in ours.items()
         }
-    else:  # an init saved as plain LoRA (peft_type LORA) loads back as "lora" with the same LoRA options
-        assert {n: plain_lora(c) if type(theirs.get(n)) is LoraConfig else c for n, c in ours.items()} == theirs
+    else:  # an init saved in PEFT's format (peft_type LORA) loads back with the same LoRA options
+        assert {n: plain_lora(c, theirs.get(n)) for n, c in ours.items()} == theirs
 
 
 @pytest.mark.parametrize("method, kind", CASES)
@@ -185,7 +229,7 @@ def test_named_adapters_switch_disable_and_delete(method, kind, x):
         n for n, _ in model.named_parameters() if ".adapters.a." in n
     }
     # a base-rewriting init: "a" and "b" both live on the base as "b" left it, and disabling leaves that base
-    shifted = shifts_base(method)
+    shifted = shifts_base(model)
     if not shifted:
         for name, seed, y in (("a", 1, ya), ("b", 2, yb)):  # each equals a model holding only that adapter
             torch.testing.assert_close(logits(adapt(fresh(kind), method, name, seed=seed), x), y, atol=1e-6, rtol=0)
@@ -220,9 +264,9 @@ def test_attach_to_bf16_base(method, kind, x):
     y0 = logits(model, x)
     adapt(model, method, randomize=False)
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if ".adapters." in n)
-    if REGISTRY[method].identity_at_init:  # a rewritten base W − shift is rounded to bf16 as well
-        torch.testing.assert_close(logits(model, x), y0, atol=2e-2 if shifts_base(method) else 1e-2, rtol=0)
-    if REGISTRY[method].mergeable:
+    if SPECS[method].identity_at_init:  # a rewritten base W − shift is rounded to bf16 as well
+        torch.testing.assert_close(logits(model, x), y0, atol=2e-2 if shifts_base(model) else 1e-2, rtol=0)
+    if SPECS[method].mergeable:
         noisy = adapt(fresh(kind).to(torch.bfloat16), method)
         assert torch.isfinite(logits(lk.merge(noisy), x)).all()
 

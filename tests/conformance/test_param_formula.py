@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.inject import wrappers
 from lorakit import layers as L
+from lorakit.inject import wrappers
 from lorakit.testing import tiny_gpt2, tiny_llama
 from tests.helpers import targets_for, tokens
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.lowrank import LoraFactors
-from lorakit.lowrank import factor_svd
+from lorakit.lowrank import LoraFactors, factor_svd
 
 
 def delta_svd(f: LoraFactors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,8 +26,7 @@ from typing import Any, Literal
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.lowrank import LoraFactors
-from lorakit.lowrank import factor_svd
+from lorakit.lowrank import LoraFactors, factor_svd
 
 RankRule = Literal["sum", "max"]
 

@@ -109,8 +109,8 @@ def fast_layout(b: Checkpoint) -> Layout | None:
 
 
 def skeleton_layout(b: Checkpoint) -> Layout:
-    from lorakit.inject import logical_modules
     from lorakit import layers as L
+    from lorakit.inject import logical_modules
 
     model: Any = skeleton(b)
     kinds = {n: L.layer_kind(m) for n, m in logical_modules(model) if n and isinstance(m, L.SUPPORTED)}

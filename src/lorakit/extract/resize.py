@@ -14,8 +14,7 @@ from typing import Any
 from lorakit.errors import AdapterFormatError
 from lorakit.extract.lowrank import RankRule
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
-from lorakit.lowrank import LoraFactors
-from lorakit.lowrank import factor_svd
+from lorakit.lowrank import LoraFactors, factor_svd
 
 
 def resize(

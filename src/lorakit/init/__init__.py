@@ -1,14 +1,17 @@
-"""Initialisations (PiSSA, LoRA-GA, EVA, ...), one per file; importing this package registers every one.
+"""Initialisations as options of A/B methods (``lk.method_config("dora", r=8, init="pissa")``), one per file.
 
-An init registers with the same ``@register`` as a method (family "F3"). Data-driven ones declare
-``calibration=True`` and read their batches in the adapter class's ``initialize`` hook (helpers in
-``_calib.py``); ones that rewrite the base weight expose ``base_shift()`` so ``lk.save_adapter``
-writes a plain LoRA relative to the original base. ``lorakit.methods`` imports this package last.
+Importing this package registers every init (``@register_init`` in ``_api.py``); ``_calib.py`` holds the
+calibration helpers of the inits that read data. Inits that change the parametrisation (LoRA-SB's r×r
+core, LoLDU, DoTA, Comp-LoRA and SaLoRA's projections) are methods, in ``lorakit/methods``.
 """
 
 import importlib
 import pkgutil
 
+from lorakit.init._api import BUILTIN, INITS, InitContext, InitFactors, InitSpec, InitTarget, get_init, register_init
+
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["BUILTIN", "INITS", "InitContext", "InitFactors", "InitSpec", "InitTarget", "get_init", "register_init"]

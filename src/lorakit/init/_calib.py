@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import inject  # a module reference: lorakit.inject may still be importing (it imports methods)
 from lorakit import layers as L
 from lorakit.errors import ConfigError, TargetError
+from lorakit.layers._wrapper import AdaptedLayer, disabled
 
 IGNORE = -100  # label value the causal-LM loss skips
 
@@ -97,7 +97,7 @@ def _keep(batch: Mapping[str, torch.Tensor], label_mask: bool) -> torch.Tensor |
 def base_layer(model: nn.Module, name: str) -> nn.Module:
     """The base layer of logical module ``name`` (wrapped or not)."""
     module = model.get_submodule(name)
-    return module.base_layer if isinstance(module, inject.AdaptedLayer) else module
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -110,7 +110,7 @@ def _base_eval(model: nn.Module) -> Iterator[nn.Module]:
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with inject.disabled(model):
+        with disabled(model):
             yield model
     finally:
         for m, mode in modes:

@@ -16,20 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from lorakit import layers as L
-from lorakit.init._calib import as_batches, base_layer, full_gradients
-from lorakit.init.pissa import subtract_shift
-from lorakit.methods._api import LoraFactors, register, require
-from lorakit.methods.lora import Lora, LoraConfig
+from lorakit.errors import ConfigError
+from lorakit.init._api import InitContext, InitFactors, register_init
+from lorakit.init._calib import as_batches, full_gradients
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 SCALES = ("stable", "gd", "unit")
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoraGAConfig(LoraConfig):
+class LoraGAOptions:
     direction: str = "ArB2r"
     """Which singular vectors go to A and B: 'ArB2r' (A: V[:, :r], B: U[:, r:2r]), 'A2rBr' or 'ArBr'."""
     init_scale: str = "stable"
@@ -40,18 +38,13 @@ class LoraGAConfig(LoraConfig):
     """PEFT 0.21's lora_ga: B = U·S (with singular values) and only B is scaled (for parity with PEFT)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        require(
-            self.direction in DIRECTIONS, f"lora_ga: direction must be one of {DIRECTIONS}, got {self.direction!r}."
-        )
-        require(self.init_scale in SCALES, f"lora_ga: init_scale must be one of {SCALES}, got {self.init_scale!r}.")
-        require(self.stable_gamma > 0, f"lora_ga: stable_gamma must be > 0, got {self.stable_gamma!r}.")
-        require(
-            self.init == "default", f"lora_ga sets A and B from the gradient; leave init unset (got {self.init!r})."
-        )
-        require(
-            self.train_only is None and not self.lora_bias, "lora_ga does not combine with train_only or lora_bias."
-        )
+        for ok, message in (
+            (self.direction in DIRECTIONS, f"direction must be one of {DIRECTIONS}, got {self.direction!r}."),
+            (self.init_scale in SCALES, f"init_scale must be one of {SCALES}, got {self.init_scale!r}."),
+            (self.stable_gamma > 0, f"stable_gamma must be > 0, got {self.stable_gamma!r}."),
+        ):
+            if not ok:
+                raise ConfigError(f"lora_ga: {message}")
 
 
 def pick(r: int, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,76 +57,47 @@ def pick(r: int, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
     return idx[1::2], idx[0::2]  # ArBr: A odd, B even
 
 
-@register(
+def from_gradient(grad: torch.Tensor, r: int, scale: float, opts: LoraGAOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """A₀ (r, in), B₀ (out, r) from the SVD of G (out, in), as in the module docstring."""
+    U, S, Vh = torch.linalg.svd(grad.float(), full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
+    ia, ib = pick(r, opts.direction)
+    A, B = Vh[ia], U[:, ib]  # (r, in), (out, r)
+    factor = {"stable": grad.shape[0] ** 0.25 / opts.stable_gamma**0.5, "gd": 1 / scale, "unit": 1.0}[opts.init_scale]
+    if not opts.peft_variant:
+        return A * factor, B * factor
+    B = B * S[ib] * (factor if opts.init_scale == "stable" else 1.0)
+    return (A * factor, B * factor) if opts.init_scale == "gd" else (A, B)
+
+
+def peft_fields(opts: LoraGAOptions) -> dict[str, Any]:
+    scale = "gd_scale" if opts.init_scale == "gd" else opts.init_scale
+    sub = {"direction": opts.direction, "scale": scale, "stable_gamma": opts.stable_gamma}
+    return {"init_lora_weights": "lora_ga", "lora_ga_config": sub}
+
+
+@register_init(
     "lora_ga",
-    config=LoraGAConfig,
+    options=LoraGAOptions,
     paper="LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
     url="https://arxiv.org/abs/2407.05000",
-    family="F3",
-    params="r*(d_in+d_out)",
-    layers=("linear", "conv1d"),
     calibration=True,
+    shifts_base=True,
+    peft=peft_fields,
 )
-class LoraGA(Lora):
-    """x ↦ W_res·x + s·B·A·x, W_res = W − s·B₀·A₀ with A₀, B₀ from the SVD of the calibration gradient."""
-
-    peft_type = "LORA"
-    shift_A: torch.Tensor
-    shift_B: torch.Tensor
-
-    @classmethod
-    def from_base(cls, base: nn.Module, cfg: LoraConfig) -> LoraGA:
-        in_features, out_features = L.dims(base)
-        require(
-            2 * cfg.r <= min(in_features, out_features),
-            f"lora_ga takes 2r = {2 * cfg.r} singular vectors of the gradient, more than min(d_in, d_out) = "
-            f"{min(in_features, out_features)} of a {in_features}→{out_features} layer; lower r or leave it out.",
-        )
-        adapter: Any = super().from_base(base, cfg)
-        adapter.register_buffer("shift_A", torch.zeros(cfg.r, in_features, device=adapter.A.device), persistent=False)
-        adapter.register_buffer("shift_B", torch.zeros(out_features, cfg.r, device=adapter.A.device), persistent=False)
-        return adapter
-
-    @classmethod
-    def initialize(cls, model: nn.Module, adapters: dict[str, nn.Module], cfg: LoraGAConfig, batches: Any) -> None:
-        """G per targeted module from the calibration batches, then A₀, B₀ and W ← W − s·B₀·A₀."""
-        rank = max(getattr(a.config, "r", 1) for a in adapters.values())
-        data = as_batches(batches, need_labels=True, min_rows=2 * rank, where="lora_ga")
-        grads = full_gradients(model, list(adapters), data)
-        for name, adapter in adapters.items():
-            assert isinstance(adapter, LoraGA)
-            adapter.set_from_gradient(grads[name])
-            subtract_shift(base_layer(model, name), adapter.base_shift())
-
-    @torch.no_grad()
-    def set_from_gradient(self, grad: torch.Tensor) -> None:
-        """A₀, B₀ from the SVD of G (out, in), as in the module docstring; the shift buffers keep them."""
-        cfg: Any = self.config
-        r = cfg.r
-        U, S, Vh = torch.linalg.svd(grad.float(), full_matrices=False)  # U (out, k), S (k,), Vh (k, in)
-        ia, ib = pick(r, cfg.direction)
-        A, B = Vh[ia], U[:, ib]  # (r, in), (out, r)
-        factor = {"stable": grad.shape[0] ** 0.25 / cfg.stable_gamma**0.5, "gd": 1 / self.scale, "unit": 1.0}[
-            cfg.init_scale
-        ]
-        if cfg.peft_variant:
-            B = B * S[ib] * (factor if cfg.init_scale == "stable" else 1.0)
-            if cfg.init_scale == "gd":
-                A, B = A * factor, B * factor
-        else:
-            A, B = A * factor, B * factor
-        self.A.copy_(A)
-        self.B.copy_(B)
-        self.shift_A.copy_(self.A.float())  # what the adapter holds (its dtype), so W_res + s·B·A = W
-        self.shift_B.copy_(self.B.float())
-
-    def base_shift(self) -> LoraFactors:
-        """The amount subtracted from the base weight at init: scale·shift_B @ shift_A, (out, in)."""
-        return LoraFactors(self.shift_A, self.shift_B, self.scale)
-
-    @staticmethod
-    def peft_fields(cfg: LoraConfig) -> dict[str, Any]:
-        assert isinstance(cfg, LoraGAConfig)
-        scale = "gd_scale" if cfg.init_scale == "gd" else cfg.init_scale
-        sub = {"direction": cfg.direction, "scale": scale, "stable_gamma": cfg.stable_gamma}
-        return Lora.peft_fields(cfg) | {"init_lora_weights": "lora_ga", "lora_ga_config": sub}
+def lora_ga(ctx: InitContext, opts: LoraGAOptions) -> dict[str, InitFactors]:
+    """G per targeted module from the calibration batches, then A₀, B₀ and W ← W − s·B₀·A₀."""
+    for name, t in ctx.targets.items():
+        d_in, d_out = L.dims(t.base)
+        if 2 * t.r > min(d_in, d_out):
+            raise ConfigError(
+                f"lora_ga takes 2r = {2 * t.r} singular vectors of the gradient, more than min(d_in, d_out) = "
+                f"{min(d_in, d_out)} of {name} ({d_in}→{d_out}); lower r or leave it out."
+            )
+    rank = max(t.r for t in ctx.targets.values())
+    data = as_batches(ctx.batches, need_labels=True, min_rows=2 * rank, where="lora_ga")
+    grads = full_gradients(ctx.model, list(ctx.targets), data)
+    out = {}
+    for name, t in ctx.targets.items():
+        A, B = from_gradient(grads[name], t.r, t.scale, opts)
+        out[name] = InitFactors(A, B, shift=True)
+    return out

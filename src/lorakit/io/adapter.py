@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit import layers as L
 from lorakit.errors import AdapterFormatError, ConfigError, LorakitError, TargetError
 from lorakit.inject import (
     AdaptedLayer,
@@ -35,8 +36,8 @@ from lorakit.inject import (
     wrappers,
 )
 from lorakit.io.atomic import atomic_dir
+from lorakit.io.folded import foldable, folded
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from lorakit import layers as L
 from lorakit.lowrank import LoraFactors
 from lorakit.methods._api import REGISTRY, AdapterModule, get_spec
 
@@ -84,21 +85,25 @@ def base_fingerprint(model: nn.Module, modules: list[str], n: int = 4) -> dict[s
 def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
     """Write adapter ``name`` of ``model`` to ``path`` (atomic). Returns the path.
 
-    An init that rewrote the base weights (PiSSA, LoRA-GA: W_res = W − shift) is written as a plain
-    LoRA relative to the ORIGINAL base W (see :func:`_save_relative_to_original`).
+    An init that rewrote the base weights (PiSSA, LoRA-GA: W_res = W − shift) is written relative to
+    the ORIGINAL base W: in the method's own format at rank r + r_shift where the method has an A·B pair
+    (``io/folded.py``), else as a plain LoRA (:func:`_save_relative_to_original`).
     """
     info = adapter_info(model, name)
     spec, cfg = info.spec, info.config
-    if any(_adapter(w, name).base_shift() is not None for _, w in wrappers(model) if name in w.adapters):
-        return _save_relative_to_original(model, path, name)
+    adapters = {m: _adapter(w, name) for m, w in wrappers(model) if name in w.adapters}
+    states = {m: a.export_state() for m, a in adapters.items()}
+    module_cfgs = {m: a.config for m, a in adapters.items()}
+    prints = None
+    if any(a.base_shift() is not None for a in adapters.values()):
+        if not foldable(adapters):
+            return _save_relative_to_original(model, path, name)
+        states, module_cfgs, prints = folded(model, adapters)  # the method's own format, for the original W
+        cfg = next((c for m, c in module_cfgs.items() if adapters[m].config == cfg), next(iter(module_cfgs.values())))
     tensors: dict[str, torch.Tensor] = {}
-    module_cfgs: dict[str, Any] = {}
-    for module_name, wrapper in wrappers(model):
-        if name in wrapper.adapters:
-            adapter: Any = wrapper.adapters[name]
-            module_cfgs[module_name] = adapter.config
-            for suffix, t in adapter.export_state().items():
-                tensors[f"{PREFIX}{module_name}.{suffix}"] = t.detach().contiguous().cpu()
+    for module_name, state in states.items():
+        for suffix, t in state.items():
+            tensors[f"{PREFIX}{module_name}.{suffix}"] = t.detach().contiguous().cpu()
     tensors.update({key: t.detach().contiguous().cpu() for key, t in _saved_state(model, name).items()})
     tensors.update({key: t.detach().contiguous().cpu() for key, (_, t) in _shared_state(model, name).items()})
     modules = [m for m in info.modules if m in module_cfgs]
@@ -129,7 +134,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         "method": spec.name,
         "config": dataclasses.asdict(cfg),
         "modules": modules,
-        "base_fingerprint": base_fingerprint(model, modules),
+        "base_fingerprint": prints if prints is not None else base_fingerprint(model, modules),
     }
     if spec.adapter.peft_type is None:  # PEFT cannot load it anyway: the config names the method
         config["lorakit"] = block

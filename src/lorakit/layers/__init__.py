@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.errors import TargetError
 from lorakit.layers._api import KINDS, LayerKind, kind_of, register_kind
+from lorakit.lowrank import LoraFactors
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
@@ -70,5 +71,13 @@ def base_bias(base: nn.Module) -> torch.Tensor | None:
     return _kind(base).base_bias(base)
 
 
+def subtract(base: nn.Module, shift: LoraFactors) -> None:
+    """base.weight ← W − scale·B @ A (a residual base), computed in float32, stored in the weight's dtype and layout."""
+    weight: torch.Tensor = base.weight  # type: ignore[assignment]
+    with torch.no_grad():
+        delta = shift.scale * (shift.B.float() @ shift.A.float())  # (out, in)
+        weight.copy_((weight.float() - to_base_layout(base, delta)).to(weight.dtype))
+
+
 __all__ = ["KINDS", "SUPPORTED", "LayerKind", "base_bias", "base_linear", "dims", "kind_of", "layer_kind"]
-__all__ += ["project_in", "register_kind", "to_base_layout", "weight_out_in"]
+__all__ += ["project_in", "register_kind", "subtract", "to_base_layout", "weight_out_in"]

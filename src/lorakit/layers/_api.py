@@ -8,7 +8,7 @@ layout, and how a projection A (r, in) applies to its input. Methods call only t
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -55,13 +55,15 @@ class LayerKind(Protocol):
 
 KINDS: dict[str, type[LayerKind]] = {}
 _BY_TYPE: dict[type, type[LayerKind] | None] = {}  # cache: module class -> its kind (None: unsupported)
+K = TypeVar("K", bound=type)
 
 
-def register_kind(cls: type[LayerKind]) -> type[LayerKind]:
+def register_kind(cls: K) -> K:
     """Class decorator that adds a base-layer kind to :data:`KINDS` under ``cls.name``."""
-    if cls.name in KINDS and KINDS[cls.name] is not cls:
-        raise ValueError(f"layer kind {cls.name!r} is registered twice ({KINDS[cls.name]} and {cls})")
-    KINDS[cls.name] = cls
+    kind: Any = cls  # a class with the protocol's static methods
+    if kind.name in KINDS and KINDS[kind.name] is not kind:
+        raise ValueError(f"layer kind {kind.name!r} is registered twice ({KINDS[kind.name]} and {kind})")
+    KINDS[kind.name] = kind
     _BY_TYPE.clear()
     return cls
 

@@ -21,7 +21,8 @@ class Conv1D:
 
     @staticmethod
     def weight_out_in(base: nn.Module) -> torch.Tensor:
-        return base.weight.T  # type: ignore[union-attr]  # (out, in) view
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        return weight.T  # (out, in) view
 
     @staticmethod
     def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,8 @@ class Conv1D:
 
     @staticmethod
     def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, base.weight.T)  # type: ignore[union-attr]
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        return F.linear(x, weight.T)
 
     @staticmethod
     def base_bias(base: nn.Module) -> torch.Tensor | None:

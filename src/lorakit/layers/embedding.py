@@ -20,7 +20,8 @@ class Embedding:
 
     @staticmethod
     def weight_out_in(base: nn.Module) -> torch.Tensor:
-        return base.weight.T  # type: ignore[union-attr]  # (dim, num_embeddings) view
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        return weight.T  # (dim, num_embeddings) view
 
     @staticmethod
     def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:

@@ -23,5 +23,3 @@ class _MethodsPackage(types.ModuleType):
 sys.modules[__name__].__class__ = _MethodsPackage
 
 __all__ = ["REGISTRY", "LoraFactors", "MethodSpec", "get_spec", "method_config", "register"]
-
-importlib.import_module("lorakit.init")  # initialisations (PiSSA, LoRA-GA, EVA, ...) register here too

@@ -37,7 +37,7 @@ class AdapterModule(nn.Module):
 
     Optional hooks, each with its default here, so Core calls them directly (never ``hasattr``):
     ``delta_weight``, ``to_lora``, ``delta_bias``, ``fused_forward``, ``import_state``,
-    ``base_shift``, ``init_factors``, ``export_shared`` / ``import_shared``, ``bind_shared``,
+    ``base_shift``, ``init_factors``, ``export_shared`` / ``import_shared``, ``from_bases``,
     ``initialize``, ``set_step``, ``peft_fields``, ``config_from_peft``; class attributes
     ``peft_type`` and ``shared_params``. :data:`HOOKS` lists them all (the README's table is
     generated from it).
@@ -50,7 +50,8 @@ class AdapterModule(nn.Module):
     """PEFT's ``peft_type`` when PEFT has this method with the same keys and outputs, else None."""
     shared_params: ClassVar[str | None] = None
     """Trainable parameters of one group of tensors shared across layers, as a formula like ``params``."""
-    _init_shift: LoraFactors | None = None  # set by Core when an init option moved part of W into the adapter
+    init_shift: LoraFactors | None = None
+    """Set by Core when an init option moved s·B₀·A₀ out of the base weight (the default ``base_shift``)."""
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: Any) -> AdapterModule:
@@ -89,7 +90,7 @@ class AdapterModule(nn.Module):
 
         ``save_adapter`` folds it back, so the saved dir is a plain delta for the ORIGINAL base.
         """
-        return self._init_shift
+        return self.init_shift
 
     def init_factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
         """The trained A (r, in) and B (out, r) of an update that contains ``self.scale``·B·A, which an
@@ -104,10 +105,11 @@ class AdapterModule(nn.Module):
         """Load ``export_shared``'s tensors."""
 
     @classmethod
-    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
-        """Called once per attach with every adapter it built ({module name: adapter}), before any weight
-        is loaded: methods whose layers share tensors (VeRA, VB-LoRA, LoTR) give them one group here, so
-        shared state belongs to the attach that created it."""
+    def from_bases(cls, bases: Mapping[str, nn.Module], cfgs: Mapping[str, Any]) -> dict[str, AdapterModule]:
+        """Build the adapters of one attach ({module: base layer}, {module: its config}), in order. The default
+        calls ``from_base`` per module; methods whose layers share tensors (VeRA, RandLoRA, VB-LoRA, LoTR)
+        build each shared group here, so it belongs to this attach alone (a second attach gets its own)."""
+        return {name: cls.from_base(base, cfgs[name]) for name, base in bases.items()}
 
     @classmethod
     def initialize(cls, model: nn.Module, adapters: dict[str, nn.Module], cfg: Any, batches: Any) -> None:
@@ -143,7 +145,7 @@ HOOKS: tuple[str, ...] = (
     "init_factors",
     "export_shared",
     "import_shared",
-    "bind_shared",
+    "from_bases",
     "initialize",
     "set_step",
     "peft_fields",

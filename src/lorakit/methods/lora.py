@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from lorakit import layers as L
+from lorakit.init._api import BUILTIN, INITS, freeze_options, init_options
 from lorakit.lowrank import truncate
 from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 from lorakit.methods._fused import LoraLinearFn
 
-INITS = ("default", "gaussian")
 # option -> PEFT's adapter_config.json field
 PEFT_NAMES = dict(r="r", alpha="lora_alpha", dropout="lora_dropout", rslora="use_rslora", lora_bias="lora_bias")
 
@@ -36,7 +36,10 @@ class LoraConfig:
     rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(r) (rsLoRA), which keeps the update's scale steady as r grows."""
     init: str = "default"
-    """'default' (Kaiming-uniform A, zero B, as PEFT) or 'gaussian' (A ~ N(0, 1/r²), zero B)."""
+    """'default' (Kaiming-uniform A, zero B, as PEFT), 'gaussian' (A ~ N(0, 1/r²), zero B) or a registered
+    init (``lorakit info`` lists them: pissa, eva, lora_ga, ...), which sets A and B when the adapter attaches."""
+    init_options: Any = ()
+    """Options of a registered init, e.g. {"niter": 4} for pissa (stored as sorted (name, value) pairs)."""
     train_only: str | None = None
     """'B': train only B over a frozen random row-orthonormal A (Asymmetry in LoRA, arXiv:2402.16842)."""
     lora_bias: bool = False
@@ -46,8 +49,13 @@ class LoraConfig:
         require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}.")
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}.")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
-        require(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}.")
         require(self.train_only in (None, "B"), f"train_only must be None or 'B', got {self.train_only!r}.")
+        object.__setattr__(self, "init_options", freeze_options(self.init_options))
+        init_options(self.init, dict(self.init_options))  # an unknown init or option is a ConfigError here
+        require(
+            self.init in BUILTIN or (self.train_only is None and not self.lora_bias),
+            f"init={self.init!r} sets A and B itself; it does not combine with train_only or lora_bias.",
+        )
 
     @property
     def scale(self) -> float:
@@ -108,6 +116,9 @@ class Lora(AdapterModule):
     def out_B(self) -> torch.Tensor:  # (out, r): forward, merge and to_lora read it; comp_lora/salora project it
         return self.B
 
+    def init_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.A, self.B
+
     def lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """s·B·A·x, shape (..., out)."""
         h = L.project_in(base, self.dropout(x), self.A)  # (..., r)
@@ -157,8 +168,10 @@ class Lora(AdapterModule):
 
     @staticmethod
     def peft_fields(cfg: LoraConfig) -> dict[str, Any]:
-        init = True if cfg.init == "default" else cfg.init
-        return {p: getattr(cfg, o) for o, p in PEFT_NAMES.items()} | {"use_dora": False, "init_lora_weights": init}
+        init = {"init_lora_weights": True if cfg.init == "default" else cfg.init}
+        if cfg.init not in BUILTIN:  # PEFT's name for the init (and its sub-config, e.g. eva_config)
+            init = INITS[cfg.init].peft(init_options(cfg.init, dict(cfg.init_options)))
+        return {p: getattr(cfg, o) for o, p in PEFT_NAMES.items()} | {"use_dora": False} | init
 
     @staticmethod
     def lora_kwargs_from_peft(fields: dict[str, Any]) -> dict[str, Any]:

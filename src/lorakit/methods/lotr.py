@@ -67,28 +67,29 @@ class Lotr(AdapterModule):
     def __init__(self, cfg: LotrConfig, shared: SharedFactors, kind: str):
         super().__init__()
         self.config, self.scale, self.shared = cfg, cfg.alpha / cfg.r, shared
-        self.owner = True  # the group's first layer saves U and V (bind_shared clears it on the others)
+        self.owner = True  # the group's first layer saves U and V (from_bases clears it on the others)
         self.G = nn.Parameter(torch.zeros(cfg.r, cfg.r, dtype=shared.U.dtype, device=shared.U.device))  # (r, r)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and kind != "embedding" else nn.Identity()
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: LotrConfig) -> Lotr:
-        d_in, d_out = L.dims(base)
-        weight: torch.Tensor = base.weight  # type: ignore[assignment]
-        factory: dict[str, Any] = {"dtype": weight.dtype if weight.is_floating_point() else None}
-        shared = SharedFactors(d_in, d_out, cfg.r, factory | {"device": weight.device})  # own until bound
-        return cls(cfg, shared, L.layer_kind(base))
+        return cls.from_bases({"": base}, {"": cfg})[""]  # type: ignore[return-value]
 
     @classmethod
-    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
-        """One U, V per shape group (config, in, out, device, dtype) of this attach; the first member owns it."""
+    def from_bases(cls, bases: Mapping[str, nn.Module], cfgs: Mapping[str, Any]) -> dict[str, AdapterModule]:
+        """One U, V per shape group (config, in, out, device, dtype) of this attach; its first layer owns it."""
         groups: dict[tuple[Any, ...], SharedFactors] = {}
-        for adapter in adapters.values():
-            assert isinstance(adapter, Lotr)
-            U, V = adapter.shared.U, adapter.shared.V
-            key = (adapter.config, V.shape[0], U.shape[0], str(U.device), str(U.dtype))
-            adapter.owner = key not in groups
-            adapter.shared = groups.setdefault(key, adapter.shared)
+        out: dict[str, AdapterModule] = {}
+        for name, base in bases.items():
+            (d_in, d_out), weight, cfg = L.dims(base), L.weight_out_in(base), cfgs[name]
+            factory = {"dtype": weight.dtype if weight.is_floating_point() else None, "device": weight.device}
+            key = (cfg, d_in, d_out, str(factory["device"]), str(factory["dtype"]))
+            owner = key not in groups
+            if owner:
+                groups[key] = SharedFactors(d_in, d_out, cfg.r, factory)
+            out[name] = adapter = cls(cfg, groups[key], L.layer_kind(base))
+            adapter.owner = owner
+        return out
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         h = L.project_in(base, self.dropout(x), self.shared.V.T)  # (..., r) = Vᵀx

@@ -115,20 +115,17 @@ class RandLora(AdapterModule):
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: RandLoraConfig) -> RandLora:
-        d_in, d_out = L.dims(base)
-        shared = SharedBases(cfg)  # its own until bind_shared groups the attach
-        shared.max_out, shared.max_in = d_out, d_in
-        return cls(cfg, d_in, d_out, shared, L.weight_out_in(base))
+        return cls.from_bases({"": base}, {"": cfg})[""]  # type: ignore[return-value]
 
     @classmethod
-    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
+    def from_bases(cls, bases: Mapping[str, nn.Module], cfgs: Mapping[str, Any]) -> dict[str, AdapterModule]:
         """One set of bases per config of this attach, sized to its largest layer."""
         groups: dict[RandLoraConfig, SharedBases] = {}
-        for adapter in adapters.values():
-            assert isinstance(adapter, RandLora)
-            shared = groups.setdefault(adapter.config, adapter.shared)
-            shared.max_out, shared.max_in = max(shared.max_out, adapter.d_out), max(shared.max_in, adapter.d_in)
-            adapter.shared = shared
+        for name, base in bases.items():
+            shared = groups.setdefault(cfgs[name], SharedBases(cfgs[name]))
+            d_in, d_out = L.dims(base)
+            shared.max_out, shared.max_in = max(shared.max_out, d_out), max(shared.max_in, d_in)
+        return {n: cls(cfgs[n], *L.dims(b), groups[cfgs[n]], L.weight_out_in(b)) for n, b in bases.items()}
 
     def factors(self) -> LoraFactors:
         """ΔW = scale·B·A as one LoRA of rank r·n: the scaled small basis on the smaller side, PEFT's order."""

@@ -92,7 +92,7 @@ class VBLora(AdapterModule):
     def __init__(self, cfg: VBLoraConfig, shared: VectorBank, d_in: int, d_out: int, kind: str):
         super().__init__()
         self.config, self.shared = cfg, shared
-        self.owner = True  # the attach's first layer saves the bank (bind_shared clears it on the others)
+        self.owner = True  # the attach's first layer saves the bank (from_bases clears it on the others)
         b, n, std, like = cfg.vector_length, cfg.num_vectors, cfg.init_logits_std, shared.bank
         self.logits_A = nn.Parameter(torch.randn(cfg.r, d_in // b, n).to(like) * std)  # (r, in/b, n)
         self.logits_B = nn.Parameter(torch.randn(d_out // b, cfg.r, n).to(like) * std)  # (out/b, r, n)
@@ -100,27 +100,29 @@ class VBLora(AdapterModule):
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: VBLoraConfig) -> VBLora:
-        d_in, d_out = L.dims(base)
-        if d_in % cfg.vector_length or d_out % cfg.vector_length:
-            raise ConfigError(
-                f"vblora vector_length={cfg.vector_length} must divide a targeted layer's d_in={d_in} and "
-                f"d_out={d_out}; pick a common divisor (e.g. {math.gcd(d_in, d_out)}) "
-                "or leave that layer out of targets."
-            )
-        weight: torch.Tensor = base.weight  # type: ignore[assignment]
-        factory = {"dtype": weight.dtype if weight.is_floating_point() else None, "device": weight.device}
-        return cls(cfg, VectorBank(cfg, factory), d_in, d_out, L.layer_kind(base))  # its own bank until bound
+        return cls.from_bases({"": base}, {"": cfg})[""]  # type: ignore[return-value]
 
     @classmethod
-    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
-        """One bank per attach (rank_pattern changes r only, so every layer shares it); the first layer owns it."""
+    def from_bases(cls, bases: Mapping[str, nn.Module], cfgs: Mapping[str, Any]) -> dict[str, AdapterModule]:
+        """One bank per attach (rank_pattern changes r only, so every layer shares it); its first layer owns it."""
         banks: dict[tuple[Any, ...], VectorBank] = {}
-        for adapter in adapters.values():
-            assert isinstance(adapter, VBLora)
-            c, bank = adapter.config, adapter.shared.bank
-            key = (c.num_vectors, c.vector_length, c.init_vector_bank_bound, str(bank.dtype), str(bank.device))
-            adapter.owner = key not in banks
-            adapter.shared = banks.setdefault(key, adapter.shared)
+        out: dict[str, AdapterModule] = {}
+        for name, base in bases.items():
+            (d_in, d_out), weight, c = L.dims(base), L.weight_out_in(base), cfgs[name]
+            if d_in % c.vector_length or d_out % c.vector_length:
+                raise ConfigError(
+                    f"vblora vector_length={c.vector_length} must divide a targeted layer's d_in={d_in} and "
+                    f"d_out={d_out}; pick a common divisor (e.g. {math.gcd(d_in, d_out)}) "
+                    "or leave that layer out of targets."
+                )
+            factory = {"dtype": weight.dtype if weight.is_floating_point() else None, "device": weight.device}
+            key = (c.num_vectors, c.vector_length, c.init_vector_bank_bound, *map(str, factory.values()))
+            owner = key not in banks
+            if owner:
+                banks[key] = VectorBank(c, factory)
+            out[name] = adapter = cls(c, banks[key], d_in, d_out, L.layer_kind(base))
+            adapter.owner = owner
+        return out
 
     def factors(self) -> LoraFactors:
         """A (r, in) from z_A's sub-vectors laid along in; B (out, r) from z_B's laid along out; scale 1."""

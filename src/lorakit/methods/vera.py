@@ -102,21 +102,17 @@ class Vera(AdapterModule):
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: VeraConfig) -> Vera:
-        d_in, d_out = L.dims(base)
-        weight: torch.Tensor = base.weight  # type: ignore[assignment]
-        shared = SharedProjection(cfg.projection_prng_key, cfg.r)  # its own until bind_shared groups the attach
-        shared.max_in, shared.max_out = d_in, d_out
-        return cls(cfg, d_in, d_out, shared, weight)
+        return cls.from_bases({"": base}, {"": cfg})[""]  # type: ignore[return-value]
 
     @classmethod
-    def bind_shared(cls, adapters: Mapping[str, AdapterModule]) -> None:
+    def from_bases(cls, bases: Mapping[str, nn.Module], cfgs: Mapping[str, Any]) -> dict[str, AdapterModule]:
         """One projection per config of this attach, sized to its largest layer (rank_pattern: one per r)."""
         groups: dict[VeraConfig, SharedProjection] = {}
-        for adapter in adapters.values():
-            assert isinstance(adapter, Vera)
-            shared = groups.setdefault(adapter.config, adapter.shared)
-            shared.max_in, shared.max_out = max(shared.max_in, adapter.d_in), max(shared.max_out, adapter.d_out)
-            adapter.shared = shared
+        for name, base in bases.items():
+            shared = groups.setdefault(cfgs[name], SharedProjection(cfgs[name].projection_prng_key, cfgs[name].r))
+            d_in, d_out = L.dims(base)
+            shared.max_in, shared.max_out = max(shared.max_in, d_in), max(shared.max_out, d_out)
+        return {n: cls(cfgs[n], *L.dims(b), groups[cfgs[n]], b.weight) for n, b in bases.items()}  # type: ignore[arg-type]
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's slices A[:, :d_in] (r, in) and B[:d_out] (out, r) of the shared pair."""

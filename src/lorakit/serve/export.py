@@ -42,8 +42,8 @@ from lorakit.io.adapter import CONFIG_NAME, PREFIX, RESIDUAL_INITS, WEIGHTS_NAME
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.collection import Collection, check_name, is_collection
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
-from lorakit.methods._api import LoraFactors
 from lorakit.lowrank import truncate
+from lorakit.methods._api import LoraFactors
 
 FORMATS = ("vllm",)
 MANIFEST = "lorakit-export.json"
@@ -203,9 +203,9 @@ class _Bases:
 
 def _convert(path: Path, fields: dict[str, Any], model: nn.Module, rank: int | None) -> AdapterFactors:
     """Load a non-LoRA adapter onto ``model`` and express each module as LoRA with its ``to_lora``."""
+    from lorakit import layers as L
     from lorakit.inject import delete_adapter, saved_modules, wrappers
     from lorakit.io.adapter import base_fingerprint, load_adapter
-    from lorakit import layers as L
 
     name = "lorakit_export"
     load_adapter(model, path, name=name)

@@ -24,6 +24,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.errors import ConfigError
+from lorakit.initialize import needs_calibration
 from lorakit.io.atomic import atomic_write_text
 from lorakit.train.data import Record, collate, encode_labelled, encode_rows, label_names, pack, pad_id, read_jsonl
 from lorakit.train.evaluate import classification_accuracy, exact_match, mean_loss
@@ -80,7 +81,7 @@ def calibration_batches(
     """
     n = spec.init_batches
     if n is None:
-        if not lk.REGISTRY[spec.method].needs_calibration:
+        if not needs_calibration(lk.REGISTRY[spec.method], lk.method_config(spec.method, **spec.method_options)):
             return None
         n = DEFAULT_INIT_BATCHES
     if not records:

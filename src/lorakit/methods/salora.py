@@ -22,7 +22,7 @@ from torch import nn
 from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.init._calib import as_batches, base_layer, input_activations
-from lorakit.init.pissa import principal, subtract_shift
+from lorakit.lowrank import principal
 from lorakit.methods._api import LoraFactors, register, require
 from lorakit.methods.lora import Lora, LoraConfig
 
@@ -105,7 +105,7 @@ class Salora(Lora):
             adapter, base = adapters[name], base_layer(model, name)
             assert isinstance(adapter, Salora)
             adapter.set_from(L.weight_out_in(base).detach().float(), feats[name])
-            subtract_shift(base, adapter.base_shift())
+            L.subtract(base, adapter.base_shift())
 
     def set_from(self, W: torch.Tensor, X: torch.Tensor) -> None:
         """U_C = safety_basis(W, X); PiSSA's A₀, B₀ (s·B₀·A₀ = U_r S_r V_rᵀ); the shift s·C·B₀·A₀."""

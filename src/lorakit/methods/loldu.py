@@ -20,7 +20,6 @@ from torch import nn
 
 from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.init.pissa import subtract_shift
 from lorakit.lowrank import truncate
 from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
@@ -99,7 +98,8 @@ class Loldu(AdapterModule):
         """W ← W − σ₀·P·L_r·D_r·U_r on every wrapped base layer, once all adapters are built."""
         for name, adapter in adapters.items():
             assert isinstance(adapter, Loldu)
-            subtract_shift(model.get_submodule(name).base_layer, adapter.base_shift())
+            base: Any = model.get_submodule(name).base_layer
+            L.subtract(base, adapter.base_shift())
 
     def base_shift(self) -> LoraFactors:
         """The amount subtracted from the base at init: σ₀·PL @ (D_r ⊙ U), (out, in), rank r."""

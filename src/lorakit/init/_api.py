@@ -1,0 +1,155 @@
+"""The initialisation contract and its registry: inits are options of A/B methods (``init="pissa"``).
+
+An init is one file in ``lorakit/init/`` holding an options dataclass and a function decorated with
+``@register_init(...)``. The function receives an :class:`InitContext` (the model, every targeted
+layer with its rank and scale, the calibration batches) and returns, per module, the A (k, in) and
+B (out, k) the method's trained pair starts from (:class:`InitFactors`), possibly at another rank k
+(0 leaves the layer unadapted) and possibly moving s·B·A out of the base weight (a residual base,
+W_res = W − s·B·A). Core applies the result to any method whose adapter exposes that pair
+(``AdapterModule.init_factors``), so PiSSA-initialised DoRA needs no code of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError
+
+BUILTIN = ("default", "gaussian")  # random inits every A/B method does itself (PEFT's True and "gaussian")
+
+
+@dataclass(frozen=True)
+class InitTarget:
+    """One targeted layer as an init sees it."""
+
+    base: nn.Module  # the wrapped base layer: read it through lorakit.layers (dims, weight_out_in)
+    r: int  # the rank the method was configured with for this module
+    alpha: float  # its scaling numerator
+    scale_for: Callable[[int, float], float]  # s of this module's method at rank r and alpha (α/r, α/√r, ...)
+
+    @property
+    def scale(self) -> float:
+        return self.scale_for(self.r, self.alpha)
+
+
+@dataclass(frozen=True)
+class InitContext:
+    """What an init reads: the model (adapters in place, B = 0), its targeted layers, calibration data."""
+
+    model: nn.Module
+    targets: dict[str, InitTarget]  # logical module name -> target
+    batches: list[dict[str, torch.Tensor]] | None  # the calibration batches (inits with calibration=True)
+
+
+@dataclass(frozen=True)
+class InitFactors:
+    """The starting A (k, in) and B (out, k) of one module, in float32; k may differ from the target's r."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    shift: bool = False  # True: W ← W − s·B·A, so the model's outputs are unchanged (PiSSA, LoRA-GA)
+    alpha: float | None = None  # a new scaling numerator for this module (EVA keeps α/r when r changes)
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """What the registry knows about one initialisation."""
+
+    name: str
+    fn: Callable[[InitContext, Any], dict[str, InitFactors]]
+    options: type  # frozen dataclass of the init's own options (init_options=...)
+    methods: tuple[str, ...]  # A/B methods it applies to
+    layers: tuple[str, ...]  # layer kinds it reads (others are a clear TargetError)
+    calibration: bool  # reads calibration batches: attach(..., calibration=batches)
+    shifts_base: bool  # leaves a residual base (saved adapters are folded back onto the original W)
+    identity_at_init: bool  # the adapted model starts equal to the base
+    paper: str
+    url: str
+    peft: Callable[[Any], dict[str, Any]]  # adapter_config.json fields (init_lora_weights, eva_config, ...)
+
+
+INITS: dict[str, InitSpec] = {}
+
+
+def register_init(
+    name: str,
+    *,
+    options: type,
+    paper: str,
+    url: str,
+    methods: tuple[str, ...] = ("lora", "dora"),
+    layers: tuple[str, ...] = ("linear", "conv1d"),
+    calibration: bool = False,
+    shifts_base: bool = False,
+    identity_at_init: bool = True,
+    peft: Callable[[Any], dict[str, Any]] | None = None,
+) -> Callable[[Callable[[InitContext, Any], dict[str, InitFactors]]], Callable[[InitContext, Any], Any]]:
+    """Function decorator that adds an init to :data:`INITS` under ``name``.
+
+    ``peft(options)`` gives the adapter_config.json fields PEFT uses for this init (by default
+    ``{"init_lora_weights": name}``), so PEFT loads the saved dirs.
+    """
+
+    def wrap(fn: Callable[[InitContext, Any], dict[str, InitFactors]]) -> Callable[[InitContext, Any], Any]:
+        if name in INITS and INITS[name].fn is not fn:
+            raise ValueError(f"init {name!r} is registered twice")
+        if not (dataclasses.is_dataclass(options) and options.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+            raise TypeError(f"init {name!r}: its options {options.__name__} must be a frozen dataclass")
+        fields = peft or (lambda _: {"init_lora_weights": name})
+        INITS[name] = InitSpec(
+            name, fn, options, methods, layers, calibration, shifts_base, identity_at_init, paper, url, fields
+        )
+        return fn
+
+    return wrap
+
+
+def get_init(name: str) -> InitSpec:
+    if name not in INITS:
+        known = [*BUILTIN, *sorted(INITS)]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"unknown init {name!r}.{hint} Inits: {', '.join(known)}.")
+    return INITS[name]
+
+
+def init_options(init: str, options: Mapping[str, Any] | None) -> Any:
+    """The validated options object of ``init`` (None for a built-in random init without options)."""
+    opts = dict(options or {})
+    if init in BUILTIN:
+        if opts:
+            raise ConfigError(f"init {init!r} takes no init_options, got {sorted(opts)}.")
+        return None
+    spec = get_init(init)
+    valid = {f.name for f in dataclasses.fields(spec.options)}
+    unknown = sorted(set(opts) - valid)
+    if unknown:
+        raise ConfigError(
+            f"init {init!r} has no option(s) {', '.join(unknown)}; "
+            f"valid init_options: {', '.join(sorted(valid)) or 'none'}."
+        )
+    return spec.options(**opts)
+
+
+def freeze_options(options: Any) -> tuple[tuple[str, Any], ...]:
+    """init_options as a config field: a sorted tuple of (name, value) pairs (a dict or such pairs in)."""
+    if options is None:
+        return ()
+    if isinstance(options, Mapping):
+        return tuple(sorted(options.items()))
+    try:
+        return tuple(sorted((str(k), v) for k, v in options))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"init_options must be a dict of option names to values, got {options!r}.") from e
+
+
+def applicable(method: str) -> Iterator[str]:
+    """Names of the registered inits that apply to ``method``."""
+    return (name for name, spec in sorted(INITS.items()) if method in spec.methods)
