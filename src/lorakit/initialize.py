@@ -52,20 +52,30 @@ def check_init(spec: MethodSpec, cfg: Any, kinds: dict[str, str]) -> None:
     for module, kind in kinds.items():
         if kind not in ispec.layers:
             raise TargetError(
-                f"init {init!r} cannot read {module} (a {kind} layer); it supports {', '.join(ispec.layers)} "
+                f"init {init!r} cannot wrap {module} (a {kind} layer); it reads {', '.join(ispec.layers)} "
                 "layers. Leave that module out of targets."
             )
 
 
 def run_init_option(
-    model: nn.Module, spec: MethodSpec, built: dict[str, AdapterModule], batches: list[dict] | None
+    model: nn.Module,
+    spec: MethodSpec,
+    built: dict[str, AdapterModule],
+    batches: list[dict] | None,
+    rng: torch.Tensor | None = None,
 ) -> dict[str, AdapterModule | None]:
     """Apply the init option of the adapters in ``built`` ({module: adapter}); returns the changed entries
-    ({module: new adapter, or None where the init left the layer unadapted}). No-op without an init option."""
+    ({module: new adapter, or None where the init left the layer unadapted}). No-op without an init option.
+
+    ``rng``: the CPU generator state the attach began with; the init draws from it (the random A the method
+    drew first is overwritten anyway), so a seed set before attach fixes the init's sketch or draws, as
+    PEFT's ``pissa_niter_N`` after the same seed."""
     cfg = next(iter(built.values())).config
     init = init_name(cfg)
     if init is None:
         return {}
+    if rng is not None:
+        torch.set_rng_state(rng)
     ispec = get_init(init)
     opts = init_options(init, dict(cfg.init_options))
     targets = {}

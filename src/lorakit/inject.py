@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import layers as L
 from lorakit.errors import ConfigError, TargetError
-from lorakit.initialize import check_init, needs_calibration, run_init_option
+from lorakit.initialize import check_init, init_name, needs_calibration, run_init_option
 from lorakit.io.peft_format import name_matches
 from lorakit.layers._wrapper import WRAPPERS, AdaptedLayer, SavedModule, disabled, holders
 from lorakit.methods._api import AdapterModule, MethodSpec, spec_of_config
@@ -164,9 +164,11 @@ def attach(
     Returns ``model``.
     """
     spec = spec_of_config(cfg)
+    rng = torch.get_rng_state()  # an init option draws from here: a seed before attach fixes its draws
     if initialize and needs_calibration(spec, cfg) and calibration is None:
+        what = f"method {spec.name!r}" if init_name(cfg) is None else f"init {init_name(cfg)!r} of method {spec.name!r}"
         raise ConfigError(
-            f"method {spec.name!r} initialises from data; pass calibration=batches (dicts with input_ids, "
+            f"{what} initialises from data; pass calibration=batches (dicts with input_ids, "
             "attention_mask, labels) to attach, or --init-batches N on the CLI."
         )
     if not name or "." in name or not name.isidentifier():
@@ -190,7 +192,7 @@ def attach(
     _registry(model)[name] = AdapterInfo(cfg, spec, chosen, saved)
     set_active(model, name)
     if initialize:
-        _initialize(model, name, spec, cfg, built, calibration, previous)
+        _initialize(model, name, spec, cfg, built, calibration, previous, rng)
     return model
 
 
@@ -222,6 +224,7 @@ def _initialize(
     built: dict[str, AdapterModule],
     calibration: Iterable[Mapping[str, torch.Tensor]] | None,
     previous: str | None,
+    rng: torch.Tensor,
 ) -> None:
     """Run the init option (lorakit/initialize.py), then the method's ``initialize`` hook; on failure the new
     adapter is removed again."""
@@ -231,7 +234,7 @@ def _initialize(
                 f"calibration must be an iterable of batches (dicts of tensors), got a {type(calibration).__name__}."
             )
         batches = None if calibration is None else [dict(b) if isinstance(b, Mapping) else b for b in calibration]
-        for module, new in run_init_option(model, spec, built, batches).items():
+        for module, new in run_init_option(model, spec, built, batches, rng).items():
             if new is None:  # the init left this layer unadapted
                 del built[module]
                 adapter_info(model, name).modules.remove(module)

@@ -24,7 +24,7 @@ from lorakit.init import INITS
 from lorakit.initialize import needs_calibration
 from lorakit.inject import AdaptedLayer
 from lorakit.methods import REGISTRY
-from lorakit.methods.lora import LoraConfig
+from lorakit.methods.lowrank.lora import LoraConfig
 from lorakit.testing import randomize_adapters
 from tests.helpers import EMBEDDINGS, MODELS, TARGETS_BY_CLASS, config_for, has_wrappers, logits, tokens
 

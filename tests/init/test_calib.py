@@ -8,6 +8,7 @@ import torch
 
 import lorakit as lk
 from lorakit.init._calib import as_batches, full_gradients, input_activations
+from lorakit.initialize import needs_calibration
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 
@@ -103,18 +104,18 @@ def test_input_activations_are_the_layer_inputs_without_padding():
 
 def test_attach_requires_calibration_for_data_inits_and_leaves_no_trace_on_failure():
     method = "lora_ga"  # needs calibration with labels
-    assert lk.REGISTRY[method].needs_calibration
+    assert needs_calibration(lk.REGISTRY["lora"], lk.method_config("lora", init=method))
     model = tiny_llama()
     x = tokens()
     y0 = logits(model, x)
     with pytest.raises(lk.ConfigError, match="initialises from data; pass calibration=batches"):
-        lk.attach(model, lk.method_config(method, r=4))
+        lk.attach(model, lk.method_config("lora", r=4, init=method))
     lk.attach(model, lk.method_config("lora", r=4), name="first")
     randomize_adapters(model)
     y1 = logits(model, x)
     for bad in ([], [{"input_ids": tokens()}], 42):  # empty, no labels, not an iterable
         with pytest.raises(lk.ConfigError, match=method if bad != 42 else "iterable"):
-            lk.attach(model, lk.method_config(method, r=4), name="second", calibration=bad)
+            lk.attach(model, lk.method_config("lora", r=4, init=method), name="second", calibration=bad)
         assert lk.adapter_names(model) == ["first"] and lk.active_adapter(model) == "first"
         assert torch.equal(logits(model, x), y1)
     lk.delete_adapter(model, "first")

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
 import lorakit as lk
+from lorakit import layers as L
 from lorakit.init._calib import input_activations
 from lorakit.inject import wrappers
-from lorakit import layers as L
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 
@@ -42,8 +43,13 @@ def skewed_llama() -> torch.nn.Module:
 def test_a_is_the_principal_directions_and_ranks_follow_explained_variance(make):
     r, rho, data, x = 4, 2.0, batches(4) if make is tiny_llama else batches(4, seed=8), tokens()
     original, model = make(), make()
-    names = [n for n, m in original.named_modules() if isinstance(m, torch.nn.Linear | L.Conv1D) and "head" not in n]
-    lk.attach(model, lk.method_config("eva", r=r, alpha=8, rho=rho), targets=names, calibration=data)
+    names = [n for n, m in original.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and "head" not in n]
+    lk.attach(
+        model,
+        lk.method_config("lora", r=r, alpha=8, init="eva", init_options={"rho": rho}),
+        targets=names,
+        calibration=data,
+    )
     torch.testing.assert_close(logits(model, x), logits(original, x), atol=0, rtol=0)  # B = 0
     rows = input_activations(original, names, data, label_mask=True)  # the reference: plain SVD of the inputs
     k = round(r * rho)
@@ -73,7 +79,7 @@ def test_matches_peft_eva_on_the_same_batches(tmp_path):
     ids = tokens(4, 16, seed=3)
     data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
     ours = skewed_llama()
-    lk.attach(ours, lk.method_config("eva", r=4, alpha=8), targets=LLAMA, calibration=data)
+    lk.attach(ours, lk.method_config("lora", r=4, alpha=8, init="eva"), targets=LLAMA, calibration=data)
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="eva", eva_config=peft.EvaConfig()
     )
@@ -110,7 +116,7 @@ def test_a_layer_with_no_explained_variance_is_left_unadapted(tmp_path):
         return model
 
     model, x = make(), tokens()
-    lk.attach(model, lk.method_config("eva", r=4), targets=LLAMA, calibration=batches(4))
+    lk.attach(model, lk.method_config("lora", r=4, init="eva"), targets=LLAMA, calibration=batches(4))
     adapted = {n: w.adapters["default"].config.r for n, w in wrappers(model)}
     assert "model.layers.1.mlp.gate_proj" not in adapted and "model.layers.1.mlp.up_proj" not in adapted
     assert sum(adapted.values()) == 4 * 14  # the budget went to the other layers
@@ -123,12 +129,12 @@ def test_a_layer_with_no_explained_variance_is_left_unadapted(tmp_path):
 
 def test_bad_calibration_and_options_are_clear_errors():
     with pytest.raises(lk.ConfigError, match="eva.*initialises from data"):
-        lk.attach(tiny_llama(), lk.method_config("eva"))
+        lk.attach(tiny_llama(), lk.method_config("lora", init="eva"))
     with pytest.raises(lk.ConfigError, match="hold 8 token rows but at least 16"):
-        lk.attach(tiny_llama(), lk.method_config("eva", r=8), calibration=[{"input_ids": tokens(1, 8)}])
+        lk.attach(tiny_llama(), lk.method_config("lora", r=8, init="eva"), calibration=[{"input_ids": tokens(1, 8)}])
     with pytest.raises(lk.ConfigError, match="saw 13 token rows .* at least 16"):  # 20 - 3 padding - 2·2 prompt
-        lk.attach(tiny_llama(), lk.method_config("eva", r=8), calibration=batches(2, 10))
+        lk.attach(tiny_llama(), lk.method_config("lora", r=8, init="eva"), calibration=batches(2, 10))
     with pytest.raises(lk.ConfigError, match="rho must be >= 1"):
-        lk.method_config("eva", rho=0.5)
+        lk.method_config("lora", init="eva", init_options={"rho": 0.5})
     with pytest.raises(lk.TargetError, match="cannot wrap model.embed_tokens"):
-        lk.attach(tiny_llama(), lk.method_config("eva"), targets=["embed_tokens"], calibration=batches())
+        lk.attach(tiny_llama(), lk.method_config("lora", init="eva"), targets=["embed_tokens"], calibration=batches())

@@ -24,7 +24,12 @@ def weight(make, name) -> torch.Tensor:
 def test_ranks_follow_gradient_importance_under_the_budget(make):
     """r_i = clamp(round(b·I_i/ΣI/(d_in+d_out))), I = mean|W ⊙ G| from an independent gradient, b = Σ r·(d_in+d_out)."""
     r, batches = 4, calibration()
-    model = lk.attach(make(), lk.method_config("gora", r=r), targets="all-linear", calibration=batches)
+    model = lk.attach(
+        make(),
+        lk.method_config("lora", r=r, alpha=16.0, rslora=True, init="gora"),
+        targets="all-linear",
+        calibration=batches,
+    )
     layers = dict(wrappers(model))
     G = reference_gradients(make, list(layers), batches)
     scores = {n: float((weight(make, n) * G[n]).abs().mean()) for n in layers}
@@ -61,7 +66,12 @@ def test_allocation_spends_the_budget_in_proportion():
 def test_b_compresses_the_gradient_step_through_a():
     """s·B·A = ξ·(−ηG)·P_A (P_A = A⁺A, ξ = √(d_in/r)): the best update with A's row space, scaled to the full step."""
     eta, batches = 0.05, calibration()
-    model = lk.attach(tiny_llama(), lk.method_config("gora", r=4), targets="all-linear", calibration=batches)
+    model = lk.attach(
+        tiny_llama(),
+        lk.method_config("lora", r=4, alpha=16.0, rslora=True, init="gora"),
+        targets="all-linear",
+        calibration=batches,
+    )
     layers = dict(wrappers(model))
     G = reference_gradients(tiny_llama, list(layers), batches)
     for name, wrapper in layers.items():
@@ -80,7 +90,12 @@ def test_b_compresses_the_gradient_step_through_a():
 def test_saved_adapter_is_a_plain_lora_with_a_rank_pattern(tmp_path):
     """Per-module ranks are saved as PEFT's rank_pattern (use_rslora): PEFT and lorakit reload the same outputs."""
     x = tokens()
-    model = lk.attach(tiny_gpt2(), lk.method_config("gora", r=4), targets="all-linear", calibration=calibration())
+    model = lk.attach(
+        tiny_gpt2(),
+        lk.method_config("lora", r=4, alpha=16.0, rslora=True, init="gora"),
+        targets="all-linear",
+        calibration=calibration(),
+    )
     y = logits(model, x)
     lk.save_adapter(model, tmp_path / "gora")
     assert lk.io.adapter.read_config(tmp_path / "gora")["rank_pattern"]
@@ -91,14 +106,16 @@ def test_saved_adapter_is_a_plain_lora_with_a_rank_pattern(tmp_path):
 
 def test_clear_errors():
     with pytest.raises(ConfigError, match="calibration"):
-        lk.attach(tiny_llama(), lk.method_config("gora", r=4), targets="all-linear")
+        lk.attach(
+            tiny_llama(), lk.method_config("lora", r=4, alpha=16.0, rslora=True, init="gora"), targets="all-linear"
+        )
     with pytest.raises(ConfigError, match="r_min"):
-        lk.method_config("gora", r=4, r_min=9, r_max=8)
+        lk.method_config("lora", r=4, alpha=16.0, rslora=True, init="gora", init_options={"r_min": 9, "r_max": 8})
     with pytest.raises(ConfigError, match="importance"):
-        lk.method_config("gora", importance="fisher")
+        lk.method_config("lora", alpha=16.0, rslora=True, init="gora", init_options={"importance": "fisher"})
     x = tokens()
     masked = [{"input_ids": x, "labels": torch.full_like(x, -100)}]  # no token carries a label: no gradient
     model = tiny_llama()
     with pytest.raises(ConfigError, match="zero gradient importance"):
-        lk.attach(model, lk.method_config("gora", r=4), calibration=masked)
+        lk.attach(model, lk.method_config("lora", r=4, alpha=16.0, rslora=True, init="gora"), calibration=masked)
     assert lk.adapter_names(model) == []

@@ -28,7 +28,21 @@ def train(*args):
 def test_train_with_an_init_reloads_onto_the_original_base(tiny_checkpoint, tmp_path, method, extra, rank):
     out = tmp_path / method
     result = train(
-        "--base", tiny_checkpoint, "--method", method, "--r", 2, "--steps", 2, "--lr", 1e-2, "--out", out, *extra
+        "--base",
+        tiny_checkpoint,
+        "--method",
+        "lora",
+        "--opt",
+        f"init={method}",
+        "--r",
+        2,
+        "--steps",
+        2,
+        "--lr",
+        1e-2,
+        "--out",
+        out,
+        *extra,
     )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "adapter_config.json").read_text())
@@ -47,5 +61,7 @@ def test_train_with_an_init_reloads_onto_the_original_base(tiny_checkpoint, tmp_
 
 
 def test_init_batches_must_be_positive(tiny_checkpoint, tmp_path):
-    result = train("--base", tiny_checkpoint, "--method", "eva", "--init-batches", 0, "--out", tmp_path / "x")
+    result = train(
+        "--base", tiny_checkpoint, "--method", "lora", "--opt", "init=eva", "--init-batches", 0, "--out", tmp_path / "x"
+    )
     assert result.exit_code != 0 and "--init-batches must be a positive integer" in result.output

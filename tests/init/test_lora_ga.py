@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit import layers as L
 from lorakit.init._calib import full_gradients
 from lorakit.inject import wrappers
-from lorakit import layers as L
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 
@@ -35,7 +35,7 @@ def test_outputs_unchanged_and_factors_are_the_gradients_singular_vectors(make):
     x = tokens()
     names = [n for n, m in original.named_modules() if n.endswith(("q_proj", "down_proj", "c_attn", "c_fc"))]
     G = full_gradients(original, names, data)
-    lk.attach(model, lk.method_config("lora_ga", r=4, alpha=8), targets=names, calibration=data)
+    lk.attach(model, lk.method_config("lora", r=4, alpha=8, init="lora_ga"), targets=names, calibration=data)
     torch.testing.assert_close(logits(model, x), logits(original, x), atol=1e-5, rtol=0)
     originals = dict(original.named_modules())
     for name, wrapper in wrappers(model):
@@ -62,8 +62,8 @@ def test_first_sgd_step_is_the_best_rank_2r_approximation_of_the_full_step(init_
     gains = {}
     for method in ("lora_ga", "lora"):
         model = tiny_llama()
-        opts = {"init_scale": init_scale} if method == "lora_ga" else {}
-        lk.attach(model, lk.method_config(method, r=r, alpha=8, **opts), targets=LLAMA, calibration=data)
+        opts = {"init": "lora_ga", "init_options": {"init_scale": init_scale}} if method == "lora_ga" else {}
+        lk.attach(model, lk.method_config("lora", r=r, alpha=8, **opts), targets=LLAMA, calibration=data)
         model(**data[0]).loss.backward()
         for name, w in wrappers(model):
             a = w.adapters["default"]
@@ -101,7 +101,10 @@ def test_matches_peft_lora_ga_on_the_same_gradient(ours, theirs, tmp_path):
     data, x = batches(), tokens()
     mine = tiny_llama()
     lk.attach(
-        mine, lk.method_config("lora_ga", r=4, alpha=8, peft_variant=True, **ours), targets=LLAMA, calibration=data
+        mine,
+        lk.method_config("lora", r=4, alpha=8, init="lora_ga", init_options={"peft_variant": True, **ours}),
+        targets=LLAMA,
+        calibration=data,
     )
     model = peft_lora_ga(data, **theirs)
     y0 = logits(tiny_llama(), x)
@@ -130,13 +133,13 @@ def test_matches_peft_lora_ga_on_the_same_gradient(ours, theirs, tmp_path):
 
 def test_peft_dirs_and_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(lk.ConfigError, match="initialises from data"):
-        lk.attach(tiny_llama(), lk.method_config("lora_ga"))
+        lk.attach(tiny_llama(), lk.method_config("lora", init="lora_ga"))
     with pytest.raises(lk.ConfigError, match="at least 16 are needed"):
-        lk.attach(tiny_llama(), lk.method_config("lora_ga", r=8), calibration=batches(b=1, t=8))
+        lk.attach(tiny_llama(), lk.method_config("lora", r=8, init="lora_ga"), calibration=batches(b=1, t=8))
     with pytest.raises(lk.ConfigError, match="2r = 96 singular vectors"):
-        lk.attach(tiny_llama(), lk.method_config("lora_ga", r=48), calibration=batches())
+        lk.attach(tiny_llama(), lk.method_config("lora", r=48, init="lora_ga"), calibration=batches())
     with pytest.raises(lk.ConfigError, match="direction"):
-        lk.method_config("lora_ga", direction="BrA2r")
+        lk.method_config("lora", init="lora_ga", init_options={"direction": "BrA2r"})
     model = peft_lora_ga(batches())
     model.save_pretrained(tmp_path / "residual")  # relative to PEFT's rewritten base: refused
     with pytest.raises(lk.AdapterFormatError, match="path_initial_model_for_weight_conversion"):

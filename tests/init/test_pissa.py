@@ -1,8 +1,10 @@
-"""PiSSA: A, B from the top-r SVD of W; residual base + adapter reproduces the original outputs; matches PEFT's
+"""PiSSA (``init="pissa"``; on DoRA: tests/init/test_options.py): A, B from the top-r SVD of W; residual
+base + adapter reproduces the original outputs; matches PEFT's
 init_lora_weights="pissa" (and "pissa_niter_N"); saved as a rank-2r plain LoRA for the original base."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,8 +12,8 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.inject import wrappers
 from lorakit import layers as L
+from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 
@@ -19,11 +21,18 @@ peft = pytest.importorskip("peft")
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def initialised(base: nn.Linear, cfg: object) -> nn.Module:
+    """The adapter ``cfg``'s init gives a copy of ``base`` (attached alone, so ``base`` itself is untouched)."""
+    model = nn.Sequential(copy.deepcopy(base))
+    lk.attach(model, cfg, targets=["0"])
+    return model[0].adapters["default"]
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_adapter_is_the_principal_part_and_outputs_are_unchanged(make):
     original, model = make(), make()
     x = tokens()
-    lk.attach(model, lk.method_config("pissa", r=4, alpha=16))  # scale s = 4 must be divided out of A, B
+    lk.attach(model, lk.method_config("lora", r=4, alpha=16, init="pissa"))  # scale s = 4 must be divided out of A, B
     torch.testing.assert_close(logits(model, x), logits(original, x), atol=1e-5, rtol=0)
     originals = dict(original.named_modules())
     for name, wrapper in wrappers(model):
@@ -46,7 +55,7 @@ def test_factors_and_outputs_match_peft_pissa():
     theirs = peft.get_peft_model(
         tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="pissa")
     )
-    lk.attach(ours, lk.method_config("pissa", r=4, alpha=8), targets=LLAMA)
+    lk.attach(ours, lk.method_config("lora", r=4, alpha=8, init="pissa"), targets=LLAMA)
     peft_layers = dict(theirs.base_model.model.named_modules())
     for name, wrapper in wrappers(ours):
         adapter, layer = wrapper.adapters["default"], peft_layers[name]
@@ -74,19 +83,19 @@ def test_randomized_svd_matches_peft_pissa_niter():
     layer = theirs.base_model.model[0]
     layer.base_layer.weight.data.copy_(base.weight.data)
     torch.manual_seed(3)
-    adapter = lk.REGISTRY["pissa"].adapter.from_base(base, lk.method_config("pissa", r=4, niter=2))
+    adapter = initialised(base, lk.method_config("lora", r=4, init="pissa", init_options={"niter": 2}))
     torch.manual_seed(3)
     layer.pissa_init("default", "pissa_niter_2")
     torch.testing.assert_close(adapter.A, layer.lora_A["default"].weight, atol=1e-5, rtol=0)
     torch.testing.assert_close(adapter.B, layer.lora_B["default"].weight, atol=1e-5, rtol=0)
-    exact = lk.REGISTRY["pissa"].adapter.from_base(base, lk.method_config("pissa", r=4))
+    exact = initialised(base, lk.method_config("lora", r=4, init="pissa"))
     assert not torch.allclose(adapter.A.abs(), exact.A.abs(), atol=1e-3)  # a sketch, not the exact SVD
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_saved_adapter_is_rank_2r_lora_on_the_original_base(make, tmp_path):
     model, x = make(), tokens()
-    lk.attach(model, lk.method_config("pissa", r=4))
+    lk.attach(model, lk.method_config("lora", r=4, init="pissa"))
     randomize_adapters(model, std=0.1)  # "trained"
     y = logits(model, x)
     lk.save_adapter(model, tmp_path / "a")
@@ -103,7 +112,7 @@ def test_saved_adapter_is_rank_2r_lora_on_the_original_base(make, tmp_path):
 def test_peft_converted_pissa_dir_loads_with_the_same_outputs(tmp_path):
     """PEFT's own conversion (path_initial_model_for_weight_conversion) of the same weights loads in lorakit."""
     ours = tiny_llama()
-    lk.attach(ours, lk.method_config("pissa", r=4), targets=LLAMA)
+    lk.attach(ours, lk.method_config("lora", r=4, init="pissa"), targets=LLAMA)
     theirs = peft.get_peft_model(
         tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA, init_lora_weights="pissa")
     )
@@ -128,10 +137,10 @@ def test_peft_converted_pissa_dir_loads_with_the_same_outputs(tmp_path):
 
 def test_bad_options_are_clear_errors():
     with pytest.raises(lk.ConfigError, match="r=80 exceeds min"):
-        lk.attach(tiny_llama(), lk.method_config("pissa", r=80))
+        lk.attach(tiny_llama(), lk.method_config("lora", r=80, init="pissa"))
     with pytest.raises(lk.ConfigError, match="niter"):
-        lk.method_config("pissa", niter=-1)
-    with pytest.raises(lk.ConfigError, match="leave init unset"):
-        lk.method_config("pissa", init="gaussian")
+        lk.method_config("lora", init="pissa", init_options={"niter": -1})
+    with pytest.raises(lk.ConfigError, match="does not combine with train_only"):
+        lk.method_config("lora", init="pissa", train_only="B")
     with pytest.raises(lk.TargetError, match="cannot wrap model.embed_tokens"):
-        lk.attach(tiny_llama(), lk.method_config("pissa"), targets=["embed_tokens"])
+        lk.attach(tiny_llama(), lk.method_config("lora", init="pissa"), targets=["embed_tokens"])

@@ -14,10 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorakit.analysis.report import ModuleReport, by_type
-
 if TYPE_CHECKING:
-    from lorakit.analysis.report import AnalysisReport
+    from lorakit.analysis.report import AnalysisReport, ModuleReport
 
 MAX_SPECTRA = 6  # modules drawn in spectra.png
 MAX_TYPES = 8  # module types drawn per axes (the ones with the most parameters)
@@ -48,7 +46,7 @@ def _label(m: ModuleReport) -> str:
 
 def _types(report: AnalysisReport) -> dict[str, list[ModuleReport]]:
     """Module types with a layer index, at most MAX_TYPES, largest parameter count first."""
-    groups = {t: [m for m in ms if m.layer is not None] for t, ms in by_type(report.modules).items()}
+    groups = {t: [m for m in ms if m.layer is not None] for t, ms in report.by_type().items()}
     ranked = sorted((t for t in groups if groups[t]), key=lambda t: -sum(m.spectrum.params for m in groups[t]))
     return {t: sorted(groups[t], key=lambda m: m.layer or 0) for t in ranked[:MAX_TYPES]}
 
@@ -77,7 +75,7 @@ def _padded(curve: list[float], k: int) -> list[float]:
 def plot_energy(report: AnalysisReport, file: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    groups = {t: ms for t, ms in by_type(report.modules).items()}
+    groups = {t: ms for t, ms in report.by_type().items()}
     ranked = sorted(groups, key=lambda t: -sum(m.spectrum.params for m in groups[t]))[:MAX_TYPES]
     k = max(len(m.spectrum.energy) for m in report.modules)
     every = [_padded(m.spectrum.energy, k) for m in report.modules]

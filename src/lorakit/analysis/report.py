@@ -64,6 +64,10 @@ class AnalysisReport:
     comparisons: list[Comparison] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def by_type(self) -> dict[str, list[ModuleReport]]:
+        """The modules grouped by their type (q_proj, v_proj, ...), in order."""
+        return by_type(self.modules)
+
     def module(self, name: str) -> ModuleReport:
         return next(m for m in self.modules if m.module == name)
 

@@ -153,3 +153,20 @@ def freeze_options(options: Any) -> tuple[tuple[str, Any], ...]:
 def applicable(method: str) -> Iterator[str]:
     """Names of the registered inits that apply to ``method``."""
     return (name for name, spec in sorted(INITS.items()) if method in spec.methods)
+
+
+def check_config(cfg: Any) -> None:
+    """For an A/B method's config ``__post_init__``: store ``init_options`` as sorted pairs and check that
+    ``init`` is known, its options valid, and that it does not combine with train_only / lora_bias."""
+    object.__setattr__(cfg, "init_options", freeze_options(cfg.init_options))
+    init_options(cfg.init, dict(cfg.init_options))
+    if cfg.init not in BUILTIN and (getattr(cfg, "train_only", None) or getattr(cfg, "lora_bias", False)):
+        raise ConfigError(f"init={cfg.init!r} sets A and B itself; it does not combine with train_only or lora_bias.")
+
+
+def peft_fields(cfg: Any) -> dict[str, Any]:
+    """adapter_config.json's init fields for ``cfg``: PEFT's init_lora_weights (True for the default) and the
+    init's sub-config (eva_config, lora_ga_config, ...)."""
+    if cfg.init in BUILTIN:
+        return {"init_lora_weights": True if cfg.init == "default" else cfg.init}
+    return INITS[cfg.init].peft(init_options(cfg.init, dict(cfg.init_options)))

@@ -36,6 +36,7 @@ from lorakit.inject import (
     wrappers,
 )
 from lorakit.io.atomic import atomic_dir
+from lorakit.io.dirs import read_config, read_tensors
 from lorakit.io.folded import foldable, folded
 from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.lowrank import LoraFactors
@@ -239,23 +240,6 @@ def _saved_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The parsed adapter_config.json of an adapter dir, with errors that name the file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterFormatError(f"adapter directory {path} does not exist (expected a folder with {CONFIG_NAME}).")
-    cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise AdapterFormatError(f"{path} has no {CONFIG_NAME}; is it an adapter directory (PEFT or lorakit format)?")
-    try:
-        fields = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(f"{cfg_file} is not valid JSON ({e}); re-save the adapter.") from e
-    if not isinstance(fields, dict):
-        raise AdapterFormatError(f"{cfg_file} must hold a JSON object, found {type(fields).__name__}.")
-    return fields
-
-
 def config_from_fields(fields: dict[str, Any], where: Path) -> Any:
     """The lorakit method config an adapter_config.json describes."""
     block = fields.get("lorakit")
@@ -286,22 +270,6 @@ def config_from_fields(fields: dict[str, Any], where: Path) -> Any:
         f"{where}: peft_type={fields.get('peft_type')!r} is not a method lorakit can load "
         f"(registered: {', '.join(sorted(REGISTRY))})."
     )
-
-
-def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, lorakit metadata block or {}) of an adapter weights file."""
-    if not file.is_file():
-        raise AdapterFormatError(f"{file} is missing; the adapter directory needs {WEIGHTS_NAME}.")
-    try:
-        with safetensors.safe_open(str(file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-            raw = (f.metadata() or {}).get("lorakit")
-        return tensors, (json.loads(raw) if raw else {})
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFormatError(
-            f"{file} is not a readable safetensors file ({e}); it is probably truncated or corrupt: "
-            "re-save or re-copy it."
-        ) from e
 
 
 def _modules_of(fields: dict[str, Any], block: dict[str, Any], model: nn.Module, where: Path) -> list[str]:

@@ -22,9 +22,17 @@ import safetensors.torch
 import torch
 
 from lorakit.errors import AdapterFormatError
-from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_config, read_tensors
 from lorakit.io.atomic import atomic_dir
-from lorakit.io.peft_format import EMBEDDING_KEYS, LINEAR_KEYS, lora_config, lorakit_block
+from lorakit.io.dirs import read_config, read_tensors
+from lorakit.io.peft_format import (
+    CONFIG_NAME,
+    EMBEDDING_KEYS,
+    LINEAR_KEYS,
+    PREFIX,
+    WEIGHTS_NAME,
+    lora_config,
+    lorakit_block,
+)
 from lorakit.lowrank import LoraFactors
 
 

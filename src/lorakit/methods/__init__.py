@@ -1,4 +1,13 @@
-"""Adapter methods, one per file; importing this package registers every one of them."""
+"""Adapter methods, one per file, grouped by family in subpackages (the tree shows what kinds exist):
+
+- ``lowrank/``: ΔW = s·B·A and its rescalings, decompositions and re-parametrisations (LoRA, DoRA, ...);
+- ``shared/``: updates built from tensors shared across layers (VeRA, RandLoRA, VB-LoRA, LoTR);
+- ``structured/``: structured ΔW that is not a plain low-rank product (Fourier, circulant, Kronecker, ...);
+- ``sparse/``: sparse ΔW on a fixed mask of weight entries (SHiRA).
+
+Importing this package imports every file below it (``_``-prefixed ones are helpers), which registers
+every method; ``_api.py`` declares the contract.
+"""
 
 import importlib
 import pkgutil
@@ -7,14 +16,14 @@ import types
 
 from lorakit.methods._api import REGISTRY, LoraFactors, MethodSpec, get_spec, method_config, register
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+for _info in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+    if not _info.name.rsplit(".", 1)[-1].startswith("_"):
+        importlib.import_module(_info.name)
 
 
 class _MethodsPackage(types.ModuleType):
     """This package is also callable: ``lk.methods()`` lists the registered method names, while
-    ``import lorakit.methods.lora`` keeps working (a plain function would shadow the package)."""
+    ``import lorakit.methods.lowrank.lora`` keeps working (a plain function would shadow the package)."""
 
     def __call__(self) -> list[str]:
         return sorted(REGISTRY)

@@ -1,0 +1,1 @@
+"""Low-rank ΔW = s·B·A and its rescalings, decompositions and re-parametrisations (LoRA, DoRA, ...)."""

@@ -1,0 +1,1 @@
+"""Updates built from tensors shared across layers (random projections, vector banks, shared factors)."""

@@ -1,0 +1,1 @@
+"""Sparse ΔW: a fixed mask of trainable weight entries."""
