@@ -43,7 +43,7 @@ import peft
 import torch
 
 from _common import emit
-from lorakit.serve.compress import fit_module
+from lorakit.compose.compress import fit_module
 from lorakit.serve.engine import Engine, contiguous_head
 from lorakit.serve.plan import CompressedSet
 from lorakit.testing import smollm2_shape

@@ -210,9 +210,9 @@ def test_sampling_is_seeded_and_stops_at_max_tokens(served):
 
 def test_compressed_collection_serves_its_rematerialised_adapters(served, tmp_path):
     """x·V once, the token's core, then ·Uᵀ: equal to each adapter rebuilt from the collection and merged."""
+    from lorakit.compose.compress import compress
     from lorakit.io.collection import Collection
     from lorakit.io.factors import write_factors
-    from lorakit.serve.compress import compress
 
     base, dirs, refs = served
     compress([dirs["a"], dirs["b"], dirs["c"]], tmp_path / "coll", rank=8, names=["ca", "cb", "cc"])

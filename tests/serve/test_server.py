@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 import lorakit as lk
-from lorakit.serve.compress import compress
+from lorakit.compose.compress import compress
 from lorakit.serve.engine import Engine
 from lorakit.serve.server import create_app, register_adapter_dir
 from lorakit.testing import randomize_adapters, tiny_llama

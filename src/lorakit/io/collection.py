@@ -7,7 +7,7 @@ with, per module, ``{module}.U`` (d_out, R), ``{module}.V`` (d_in, R) and ``{mod
     ΔW_c ≈ U · cores[c] · Vᵀ        (out, in) orientation, every scale folded into the core
 
 so adapter c re-materialises as a plain scale-1 LoRA with B = U·cores[c] and A = Vᵀ. ``lorakit
-compress`` (``lorakit.serve.compress``) writes one; :meth:`Collection.load` reads and checks it.
+compress`` (``lorakit.compose.compress``) writes one; :meth:`Collection.load` reads and checks it.
 """
 
 from __future__ import annotations
