@@ -391,7 +391,7 @@ def test_a_failed_generation_is_a_500_with_the_engines_message(world, monkeypatc
         def broken_decode():
             raise RuntimeError("decode exploded")
 
-        monkeypatch.setattr(engine, "_decode", broken_decode)  # prefill works, the first decode step fails
+        monkeypatch.setattr(engine.scheduler, "_decode", broken_decode)  # prefill works, the first decode step fails
         with pytest.raises(openai.InternalServerError) as info:
             client(url).completions.create(model="a", prompt=PROMPT, max_tokens=4, temperature=0)  # no EOS at prefill
         assert "decode exploded" in info.value.body["message"] and info.value.body["type"] == "server_error"
