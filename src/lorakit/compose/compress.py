@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.io.adapter import read_config
-from lorakit.io.collection import META_NAME, check_name, write_collection
+from lorakit.io.collection import META_NAME, check_names, write_collection
 from lorakit.io.factors import AdapterFactors, read_factors
 from lorakit.io.peft_format import check_same_base, require_plain_lora
 from lorakit.methods._api import LoraFactors
@@ -151,14 +151,11 @@ def _check_inputs(paths: list[Path], names: list[str], rank: int, iters: int, ou
         raise ConfigError(f"iters must be ≥ 0 (rounds of alternating refinement), got {iters}.")
     if len(names) != len(paths):
         raise ConfigError(f"got {len(names)} name(s) for {len(paths)} adapter(s); give one name per adapter.")
-    for name in names:
-        check_name(name, "compress")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"adapter name {dupes[0]!r} is used twice (names default to the dirs' names); pass names=[...] "
-            "(CLI: --names a,b,...) to give each adapter its own."
-        )
+    check_names(
+        names,
+        "compress",
+        "names default to the dirs' names; pass names=[...] (CLI: --names a,b,...) to give each adapter its own.",
+    )
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_NAME).exists())):

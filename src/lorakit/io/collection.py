@@ -52,6 +52,17 @@ def check_name(name: str, where: str) -> None:
         raise ConfigError(f"{where}: adapter name {name!r} must be a non-empty folder name without '/' or '\\'.")
 
 
+def check_names(names: Sequence[str], where: str, fix: str) -> None:
+    """Names of several adapters written side by side: each a folder name (:func:`check_name`), none twice."""
+    for name in names:
+        check_name(name, where)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"{where}: two inputs have the same name {dupes[0]!r} (adapter name {dupes[0]!r} is used twice); {fix}"
+        )
+
+
 @dataclass
 class Collection:
     """A loaded collection: ``names`` in core order, ``rank`` R and per-module ``(U, V, cores)``."""

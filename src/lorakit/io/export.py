@@ -40,7 +40,7 @@ from torch import nn
 from lorakit.errors import AdapterFormatError, BaseModelError, ConfigError, LorakitError
 from lorakit.io.adapter import CONFIG_NAME, PREFIX, RESIDUAL_INITS, WEIGHTS_NAME, read_config
 from lorakit.io.atomic import atomic_dir
-from lorakit.io.collection import Collection, check_name, is_collection
+from lorakit.io.collection import Collection, check_names, is_collection
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
 from lorakit.io.peft_format import adapter_method, is_plain_lora, lora_scale, pattern_value
 from lorakit.methods._api import LoraFactors
@@ -304,14 +304,11 @@ def export_vllm(
         raise ConfigError(f"rank must be a positive integer, got {rank}.")
     out = Path(out)
     items = _sources(inputs, _Bases(base), rank)
-    names = [item.name for item in items]
-    for n in names:
-        check_name(n, "export")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"two inputs export to the same name {dupes[0]!r} (dir or collection adapter names); rename one."
-        )
+    check_names(
+        [item.name for item in items],
+        "export",
+        "each exports to OUT/<name> (a dir's name or a collection's adapter name); rename one.",
+    )
     report = ExportReport(out, {}, {}, 0)
     for item in items:
         _drop_saved(item.name, item.adapter, drop_saved, report.warnings)
