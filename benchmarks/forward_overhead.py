@@ -22,7 +22,7 @@ import torch
 import lorakit as lk
 from _common import emit
 from lorakit.inject import wrappers
-from lorakit.serve.engine import contiguous_head
+from lorakit.models.heads import contiguous_head
 from lorakit.testing import randomize_adapters, smollm2_shape
 
 R, ALPHA = 16, 32.0
@@ -86,7 +86,7 @@ def main() -> None:
     peft_model = build_peft(args.layers, args.seed, lora)
     sides = {"base": base, "lorakit": lora, "peft": peft_model}
     for model in (base, lora, peft_model.get_base_model()):  # --logits last: a contiguous head input on every
-        contiguous_head(model)  # side (transformers' strided last-position slice runs ~9x slower; serve/engine.py)
+        contiguous_head(model)  # side (transformers' strided last-position slice runs ~9x slower; models/heads.py)
     ids = torch.randint(
         0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed)
     )

@@ -20,7 +20,7 @@ measured 0.90-0.93× mixed64), medians of --reps:
 - peft16 / peft64: PEFT with 64 adapters loaded, the batch split with ``adapter_names=``.
 
 Every side's output head gets a contiguous input, as lorakit's engine gives its own
-(``serve.engine.contiguous_head``): transformers slices the last position as a strided view, which
+(``models.heads.contiguous_head``): transformers slices the last position as a strided view, which
 torch's matmul runs ~9× slower; left in, it was ~40 % of every side's prefill and diluted each
 ratio. Logits are checked against PEFT's on the same weights before timing. Prints one JSON object.
 
@@ -43,8 +43,9 @@ import peft
 import torch
 
 from _common import emit
-from lorakit.serve.compress import fit_module
-from lorakit.serve.engine import Engine, contiguous_head
+from lorakit.compose.compress import fit_module
+from lorakit.models.heads import contiguous_head
+from lorakit.serve.engine import Engine
 from lorakit.serve.plan import CompressedSet
 from lorakit.testing import smollm2_shape
 

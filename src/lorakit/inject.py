@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import layers as L
 from lorakit.errors import ConfigError, TargetError
 from lorakit.initialize import check_init, init_name, needs_calibration, run_init_option
-from lorakit.io.peft_format import name_matches
+from lorakit.io.peft_format import check_adapter_name, name_matches, pattern_value
 from lorakit.layers._wrapper import WRAPPERS, AdaptedLayer, SavedModule, disabled, holders
 from lorakit.methods._api import AdapterModule, MethodSpec, spec_of_config
 
@@ -104,14 +104,6 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
     return chosen
 
 
-def pattern_value(patterns: Mapping[str, Any] | None, name: str) -> Any | None:
-    """PEFT's rank_pattern / alpha_pattern rule: the first key matching the name's tail."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return None
-
-
 def module_config(cfg: Any, name: str, rank_pattern: Mapping | None, alpha_pattern: Mapping | None) -> Any:
     changes: dict[str, Any] = {}
     for field, patterns in (("r", rank_pattern), ("alpha", alpha_pattern)):
@@ -171,8 +163,7 @@ def attach(
             f"{what} initialises from data; pass calibration=batches (dicts with input_ids, "
             "attention_mask, labels) to attach, or --init-batches N on the CLI."
         )
-    if not name or "." in name or not name.isidentifier():
-        raise ConfigError(f"adapter name {name!r} must be a Python identifier without dots, e.g. 'default'.")
+    check_adapter_name(name, "attach")
     if name in _registry(model):
         raise ConfigError(f"the model already has an adapter named {name!r}; delete_adapter() it or pick another name.")
     chosen = find_targets(model, targets, exclude)

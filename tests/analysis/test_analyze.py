@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from lorakit.layers import weight_out_in
 
 import lorakit as lk
 from lorakit.analysis.run import NO_BASE_NOTE
@@ -14,6 +13,7 @@ from lorakit.analysis.weights import module_weight
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.extract.checkpoint import Checkpoint
 from lorakit.io.factors import read_factors
+from lorakit.layers import weight_out_in
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import GPT2_TARGETS
 

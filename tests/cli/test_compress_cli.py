@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 import lorakit as lk
 from lorakit.cli import app
+from lorakit.compose.compress import compress
 from lorakit.io.collection import Collection
-from lorakit.serve.compress import compress
 from lorakit.testing import randomize_adapters, tiny_llama
 
 runner = CliRunner()

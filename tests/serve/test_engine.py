@@ -9,7 +9,8 @@ import torch
 
 import lorakit as lk
 from lorakit.errors import AdapterFormatError, ConfigError
-from lorakit.serve.engine import Engine, contiguous_head
+from lorakit.models.heads import contiguous_head
+from lorakit.serve.engine import Engine
 from lorakit.serve.requests import Request
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 
@@ -74,7 +75,7 @@ def test_forward_mixed_batch_equals_each_adapter_merged_alone(served):
 
 def test_the_head_reads_a_contiguous_input_with_the_same_logits(served):
     """transformers slices the last position, hidden[:, -1:, :], a strided view that torch's matmul runs
-    as a slow expanded bmm; the engine's head gets a contiguous copy (serve/engine.contiguous_head)."""
+    as a slow expanded bmm; the engine's head gets a contiguous copy (models/heads.contiguous_head)."""
     engine = engine_for(served)
     seen: list[bool] = []
     engine.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
@@ -210,9 +211,9 @@ def test_sampling_is_seeded_and_stops_at_max_tokens(served):
 
 def test_compressed_collection_serves_its_rematerialised_adapters(served, tmp_path):
     """x·V once, the token's core, then ·Uᵀ: equal to each adapter rebuilt from the collection and merged."""
+    from lorakit.compose.compress import compress
     from lorakit.io.collection import Collection
     from lorakit.io.factors import write_factors
-    from lorakit.serve.compress import compress
 
     base, dirs, refs = served
     compress([dirs["a"], dirs["b"], dirs["c"]], tmp_path / "coll", rank=8, names=["ca", "cb", "cc"])

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 import lorakit as lk
-from lorakit.serve.compress import compress
+from lorakit.compose.compress import compress
 from lorakit.serve.engine import Engine
 from lorakit.serve.server import create_app, register_adapter_dir
 from lorakit.testing import randomize_adapters, tiny_llama
@@ -391,7 +391,7 @@ def test_a_failed_generation_is_a_500_with_the_engines_message(world, monkeypatc
         def broken_decode():
             raise RuntimeError("decode exploded")
 
-        monkeypatch.setattr(engine, "_decode", broken_decode)  # prefill works, the first decode step fails
+        monkeypatch.setattr(engine.scheduler, "_decode", broken_decode)  # prefill works, the first decode step fails
         with pytest.raises(openai.InternalServerError) as info:
             client(url).completions.create(model="a", prompt=PROMPT, max_tokens=4, temperature=0)  # no EOS at prefill
         assert "decode exploded" in info.value.body["message"] and info.value.body["type"] == "server_error"

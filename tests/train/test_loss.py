@@ -5,7 +5,7 @@ import torch
 
 import lorakit as lk
 import lorakit.train.loss as loss_module
-from lorakit.serve.engine import contiguous_head
+from lorakit.models.heads import contiguous_head
 from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit.train.loss import LinearCrossEntropyFn, fused_head, training_loss
 

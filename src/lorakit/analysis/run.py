@@ -6,8 +6,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from lorakit.analysis.intruders import base_vectors, check_settings, find_intruders
 from lorakit.analysis.overlap import compare as compare_adapters
 from lorakit.analysis.report import AnalysisReport, ModuleReport, layer_of
@@ -16,6 +14,7 @@ from lorakit.analysis.weights import module_weight
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.extract.checkpoint import Checkpoint
 from lorakit.io.factors import AdapterFactors, read_factors
+from lorakit.io.peft_format import check_base_norms
 from lorakit.lowrank import LoraFactors
 
 NO_BASE_NOTE = "intruder dimensions skipped: give a base (--base NAME_OR_DIR) to compare W0 + ΔW with W0."
@@ -78,10 +77,17 @@ def _measure_intruders(
     W0 = module_weight(base, m.module, m.kind, m.spectrum.shape)  # (out, in)
     if W0 is None:
         return False
-    _check_fingerprint(adapter, m.module, W0, base)
+    norm0 = float(W0.norm())
+    check_base_norms(  # the norms lorakit recorded on saving: a mismatch means another base
+        report.adapter,
+        adapter.fingerprint,
+        {m.module: norm0},
+        base_name=adapter.base_name,
+        fix="Pass the base it was trained on.",
+        here=f"in {base.path}",
+    )
     f: LoraFactors = adapter.factors[m.module]
     delta = f.scale * (f.B.float() @ f.A.float())  # (out, in)
-    norm0 = float(W0.norm())
     m.delta_rel = m.spectrum.fro_norm / norm0 if norm0 > 0 else math.nan
     U0 = base_vectors(W0)  # (out, min(out, in)), shared by both intruder counts
     m.intruders = find_intruders(U0, W0 + delta, top_k=report.top_k, threshold=report.threshold)
@@ -92,14 +98,3 @@ def _measure_intruders(
         else:
             m.intruders_tuned = find_intruders(U0, Wt, top_k=report.top_k, threshold=report.threshold)
     return True
-
-
-def _check_fingerprint(adapter: AdapterFactors, module: str, W0: torch.Tensor, base: Checkpoint) -> None:
-    """The adapter records a few base weight norms when lorakit saved it; a mismatch means another base."""
-    expected = adapter.fingerprint.get(module)
-    got = float(W0.norm())
-    if expected is not None and not math.isclose(got, expected, rel_tol=1e-2):
-        raise AdapterFormatError(
-            f"the adapter was saved for a different base: ‖W‖ of {module} is {got:.4g} in {base.path} but was "
-            f"{expected:.4g} when it was saved (base {adapter.base_name!r}). Pass the base it was trained on."
-        )

@@ -32,7 +32,7 @@ def compress(
     adapters' total rank) and the stored size before and after. Non-LoRA adapters: run
     `lorakit export --format vllm` on them first.
     """
-    from lorakit.serve.compress import compress as run
+    from lorakit.compose.compress import compress as run
 
     listed = [n.strip() for n in names.split(",")] if names is not None else None
     err.print(f"compressing {len(adapters)} adapter(s) at rank {rank} ...")

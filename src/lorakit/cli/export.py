@@ -36,7 +36,7 @@ def export(
     converted through their to_lora on the base; a collection gives one dir per adapter in it.
     Prints the `vllm serve ... --enable-lora --lora-modules ...` line to serve them.
     """
-    from lorakit.serve.export import FORMATS, export_vllm
+    from lorakit.io.export import FORMATS, export_vllm
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}.")

@@ -14,8 +14,8 @@ from rich.table import Table
 
 from lorakit.cli._common import friendly_errors, human_bytes, out
 from lorakit.errors import AdapterFormatError, LorakitError
-from lorakit.inject import pattern_value
 from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_from_fields, read_config
+from lorakit.io.peft_format import pattern_value
 from lorakit.methods._api import spec_of_config
 
 RANK_KEYS = ("lora_A.weight", "lora_embedding_A")  # PEFT suffixes whose first dim is the rank

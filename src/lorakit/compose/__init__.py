@@ -1,5 +1,6 @@
-"""Merging adapters: one merge method per file, registered by ``@merge_method``; importing this
-package imports every file here, so a new method edits no other file.
+"""Composing adapters: merge methods, one per file, registered by ``@merge_method`` (importing this
+package imports every file here, so a new method edits no other file); ``merge.py`` drives them,
+``into_base.py`` folds one adapter into its base, ``compress.py`` fits many into one collection.
 
 import lorakit as lk
 lk.merge_adapters(["a", "b"], method="ties", weights=[1, 0.5], out="merged", density=0.5, rank=16)

@@ -7,7 +7,6 @@ factor-level methods). The output is a PEFT LoRA dir with per-module ranks (``ra
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from lorakit.compose._api import MergeSpec, check_options, factorize, get_merge_method, refactor
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
+from lorakit.io.peft_format import check_same_base
 from lorakit.lowrank import LoraFactors
 
 MISSING = ("error", "zero")
@@ -56,27 +56,6 @@ def merge_module(
     if rank is None and energy is None and merged.A.shape[0] <= k:
         return merged  # the exact stacked factors
     return refactor(merged, k, energy)
-
-
-def _check_bases(paths: list[Path], adapters: list[AdapterFactors]) -> None:
-    """Same ``base_model_name_or_path`` (where both name one) and base weight norms within 1%."""
-    names: dict[str, Path] = {}
-    norms: dict[str, tuple[float, Path]] = {}
-    for path, adapter in zip(paths, adapters, strict=True):
-        if adapter.base_name:
-            names.setdefault(adapter.base_name, path)
-        if len(names) > 1:
-            (a, pa), (b, pb) = list(names.items())[:2]
-            raise AdapterFormatError(
-                f"{pb} was made for base {b!r} but {pa} for {a!r}; only adapters of the same base model can be merged."
-            )
-        for module, norm in adapter.fingerprint.items():
-            ref, ref_path = norms.setdefault(module, (norm, path))
-            if not math.isclose(norm, ref, rel_tol=1e-2):
-                raise AdapterFormatError(
-                    f"{path} and {ref_path} were saved on different base weights: the norm of {module} is "
-                    f"{norm:.4g} there and {ref:.4g} here (>1% apart); merge adapters of one base only."
-                )
 
 
 def _check_modules(paths: list[Path], adapters: list[AdapterFactors], missing: str) -> list[str]:
@@ -168,7 +147,10 @@ def merge_adapters(
     dirs = [Path(p) for p in paths]
     ws = _check_numbers(len(dirs), weights, rank, energy, missing)
     adapters = [read_factors(p) for p in dirs]
-    _check_bases(dirs, adapters)
+    check_same_base(
+        [(p, a.base_name, a.fingerprint) for p, a in zip(dirs, adapters, strict=True)],
+        "only adapters of the same base model can be merged.",
+    )
     modules = _check_modules(dirs, adapters, missing)
     _check_rank(dirs, adapters, modules, rank)
     generator = torch.Generator().manual_seed(seed)

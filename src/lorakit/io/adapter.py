@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from lorakit.inject import (
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.dirs import read_config, read_tensors
 from lorakit.io.folded import foldable, folded
-from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_base_norms
 from lorakit.lowrank import LoraFactors
 from lorakit.methods._api import REGISTRY, AdapterModule, get_spec
 
@@ -285,18 +284,10 @@ def _modules_of(fields: dict[str, Any], block: dict[str, Any], model: nn.Module,
 
 def _check_base(fields: dict[str, Any], block: dict[str, Any], model: nn.Module, where: Path) -> None:
     prints = block.get("base_fingerprint") or {}
-    names = dict(logical_modules(model))
-    for module_name, expected in prints.items():
-        if module_name not in names or not hasattr(names[module_name], "weight"):
-            continue  # a missing module is reported as missing keys below
-        weight: Any = names[module_name].weight
-        got = float(weight.detach().float().norm())
-        if not math.isclose(got, expected, rel_tol=1e-2):
-            raise AdapterFormatError(
-                f"{where} was saved for a different base model: the weight norm of {module_name} is {got:.4g} here "
-                f"but was {expected:.4g} there (base {fields.get('base_model_name_or_path')!r}). Load it onto its own "
-                "base, or pass check_base=False if you know the bases match."
-            )
+    names: dict[str, Any] = dict(logical_modules(model))  # a module it lacks is reported as missing keys below
+    norms = {m: float(names[m].weight.detach().float().norm()) for m in prints if hasattr(names.get(m), "weight")}
+    fix = "Load it onto its own base, or pass check_base=False if you know the bases match."
+    check_base_norms(where, prints, norms, base_name=fields.get("base_model_name_or_path"), fix=fix)
 
 
 def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, check_base: bool = True) -> nn.Module:

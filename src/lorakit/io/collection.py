@@ -7,7 +7,7 @@ with, per module, ``{module}.U`` (d_out, R), ``{module}.V`` (d_in, R) and ``{mod
     ΔW_c ≈ U · cores[c] · Vᵀ        (out, in) orientation, every scale folded into the core
 
 so adapter c re-materialises as a plain scale-1 LoRA with B = U·cores[c] and A = Vᵀ. ``lorakit
-compress`` (``lorakit.serve.compress``) writes one; :meth:`Collection.load` reads and checks it.
+compress`` (``lorakit.compose.compress``) writes one; :meth:`Collection.load` reads and checks it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,17 @@ def check_name(name: str, where: str) -> None:
     """An adapter name must be usable as one folder name (export writes DIR/<name>)."""
     if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"{where}: adapter name {name!r} must be a non-empty folder name without '/' or '\\'.")
+
+
+def check_names(names: Sequence[str], where: str, fix: str) -> None:
+    """Names of several adapters written side by side: each a folder name (:func:`check_name`), none twice."""
+    for name in names:
+        check_name(name, where)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(
+            f"{where}: two inputs have the same name {dupes[0]!r} (adapter name {dupes[0]!r} is used twice); {fix}"
+        )
 
 
 @dataclass

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,9 @@ from lorakit.io.peft_format import (
     PREFIX,
     WEIGHTS_NAME,
     lora_config,
+    lora_scale,
     lorakit_block,
+    require_plain_lora,
 )
 from lorakit.lowrank import LoraFactors
 
@@ -56,29 +56,13 @@ class AdapterFactors:
         return {m: int(f.A.shape[0]) for m, f in self.factors.items()}
 
 
-def _pattern(patterns: Mapping[str, Any] | None, module: str) -> Any | None:
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
-
-
-def _scale(fields: dict[str, Any], module: str, r: int) -> float:
-    alpha = _pattern(fields.get("alpha_pattern"), module)
-    alpha = float(fields.get("lora_alpha", 8) if alpha is None else alpha)
-    return alpha / (math.sqrt(r) if fields.get("use_rslora") else r)
-
-
 def read_factors(path: str | Path) -> AdapterFactors:
     """Read a plain LoRA adapter dir (PEFT or lorakit) as factors; other methods get a clear error."""
     path = Path(path)
     fields = read_config(path)
-    if fields.get("peft_type") != "LORA" or fields.get("use_dora") or isinstance(fields.get("lorakit"), dict):
-        method = (fields.get("lorakit") or {}).get("method") or fields.get("peft_type")
-        raise AdapterFormatError(
-            f"{path}: method {method!r} is not a plain LoRA; convert it first with "
-            "`lorakit export` or load it onto its base and use the method's to_lora()."
-        )
+    require_plain_lora(
+        fields, path, "convert it first with `lorakit export` or load it onto its base and use the method's to_lora()."
+    )
     tensors, block = read_tensors(path / WEIGHTS_NAME)
     factors: dict[str, LoraFactors] = {}
     kinds: dict[str, str] = {}
@@ -99,7 +83,7 @@ def read_factors(path: str | Path) -> AdapterFactors:
                     f"{path / WEIGHTS_NAME}: {module} has A {tuple(A.shape)} and B {tuple(B.shape)}, "
                     "which do not form B@A."
                 )
-            factors[module] = LoraFactors(A, B, _scale(fields, module, A.shape[0]))
+            factors[module] = LoraFactors(A, B, lora_scale(fields, module, A.shape[0]))
             kinds[module] = kind
         elif suffix in (LINEAR_KEYS[1], EMBEDDING_KEYS[1]):
             continue

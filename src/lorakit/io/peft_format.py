@@ -1,4 +1,9 @@
-"""The names of PEFT's LoRA dir format: file names, key prefix and suffixes, a plain LoRA's config.
+"""The names and rules of PEFT's LoRA dir format, each written once here.
+
+Names: file names, key prefix and suffixes, a plain LoRA's config and lorakit's metadata block.
+Rules: ``target_modules`` and ``rank_pattern``/``alpha_pattern`` matching, a module's LoRA scale,
+what counts as a plain LoRA, which adapter names ``attach`` takes, and the same-base check (base
+model names, and the base weight norms lorakit records as a "fingerprint").
 
 Kept free of the method registry and transformers (importing ``lorakit.io.adapter`` loads both,
 ~0.6 s, a fifth of an extraction's run), so ``lorakit extract`` writes PEFT dirs without them;
@@ -8,11 +13,14 @@ Kept free of the method registry and transformers (importing ``lorakit.io.adapte
 from __future__ import annotations
 
 import collections
+import math
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lorakit
+from lorakit.errors import AdapterFormatError, ConfigError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,6 +35,96 @@ def name_matches(spec: str | Sequence[str], name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, name: str) -> Any | None:
+    """PEFT's (and vLLM's) ``rank_pattern`` / ``alpha_pattern`` rule: the value of the first key ``k``
+    with ``re.match(rf"(.*\\.)?({k})$", name)``, i.e. a regex matching the name's dotted tail."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return None
+
+
+def lora_scale(fields: Mapping[str, Any], module: str, rank: int) -> float:
+    """The scale of ``module``'s rank-``rank`` LoRA in a config: α/r, or α/√r with ``use_rslora``,
+    where α is the module's ``alpha_pattern`` value, else ``lora_alpha`` (PEFT's default 8)."""
+    alpha = pattern_value(fields.get("alpha_pattern"), module)
+    alpha = float(fields.get("lora_alpha", 8) if alpha is None else alpha)
+    return alpha / (math.sqrt(rank) if fields.get("use_rslora") else rank)
+
+
+def adapter_method(fields: Mapping[str, Any]) -> str:
+    """The method an adapter_config.json describes: its lorakit block's, "dora" for PEFT's
+    ``use_dora``, else ``peft_type`` in lower case ("lora", "vera", ...)."""
+    block = fields.get("lorakit")
+    if isinstance(block, dict):
+        return str(block.get("method"))
+    return "dora" if fields.get("use_dora") else str(fields.get("peft_type", "?")).lower()
+
+
+def is_plain_lora(fields: Mapping[str, Any]) -> bool:
+    """Whether an adapter_config.json is a plain LoRA, readable as factors without its base:
+    ``peft_type`` LORA, no ``use_dora``, and no lorakit block (which only other methods carry)."""
+    return (
+        fields.get("peft_type") == "LORA" and not fields.get("use_dora") and not isinstance(fields.get("lorakit"), dict)
+    )
+
+
+def require_plain_lora(fields: Mapping[str, Any], where: str | Path, fix: str) -> None:
+    """:class:`AdapterFormatError` naming ``where`` and ``fix`` unless ``fields`` is a plain LoRA."""
+    if not is_plain_lora(fields):
+        raise AdapterFormatError(f"{where} is a {adapter_method(fields)!r} adapter, not a plain LoRA; {fix}")
+
+
+def check_adapter_name(name: str, where: str) -> None:
+    """An adapter name of a model (what ``attach`` takes) is a Python identifier without dots: it is a
+    key of every wrapped layer's ``nn.ModuleDict``."""
+    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
+        raise ConfigError(f"{where}: adapter name {name!r} must be a Python identifier without dots, e.g. 'default'.")
+
+
+FINGERPRINT_RTOL = 1e-2  # base weight norms this close (relative) count as the same base
+
+
+def check_same_base(adapters: Sequence[tuple[Path, str | None, Mapping[str, float]]], fix: str) -> None:
+    """Adapters ``(path, base_model_name_or_path, fingerprint)`` are of one base: the same base name
+    wherever both name one, and every recorded base weight norm within 1% of the first recorded.
+    Otherwise :class:`AdapterFormatError` naming both files and ``fix``."""
+    named = [(path, name) for path, name, _ in adapters if name]
+    for path, name in named[1:]:
+        if name != named[0][1]:
+            raise AdapterFormatError(f"{path} was made for base {name!r} but {named[0][0]} for {named[0][1]!r}; {fix}")
+    first: dict[str, tuple[float, Path]] = {}
+    for path, _, fingerprint in adapters:
+        for module, norm in fingerprint.items():
+            ref, ref_path = first.setdefault(module, (norm, path))
+            if not math.isclose(norm, ref, rel_tol=FINGERPRINT_RTOL):
+                raise AdapterFormatError(
+                    f"{path} and {ref_path} were saved on different base weights (the norm of {module} is "
+                    f"{norm:.4g} vs {ref:.4g}, more than 1% apart); {fix}"
+                )
+
+
+def check_base_norms(
+    where: str | Path,
+    fingerprint: Mapping[str, float],
+    norms: Mapping[str, float],
+    *,
+    base_name: str | None,
+    fix: str,
+    here: str = "here",
+) -> None:
+    """The base an adapter meets (its weight ``norms`` by module) is the one it was saved on: every
+    module in both ``fingerprint`` and ``norms`` within 1%. Otherwise :class:`AdapterFormatError`
+    naming ``where`` and ``fix``; ``here`` says where the norms were taken ("here", "in DIR")."""
+    for module, expected in fingerprint.items():
+        got = norms.get(module)
+        if got is not None and not math.isclose(got, expected, rel_tol=FINGERPRINT_RTOL):
+            raise AdapterFormatError(
+                f"{where} was saved for a different base model: the weight norm of {module} is {got:.4g} {here} "
+                f"but was {expected:.4g} when it was saved (base {base_name!r}). {fix}"
+            )
 
 
 def lora_config(

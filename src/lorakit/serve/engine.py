@@ -4,19 +4,16 @@
     engine.add_adapter("add", "adapters/add")
     outs = engine.generate(["12+34=", "Hi"], adapters=["add", None], max_new_tokens=8)
 
-Each step admits waiting requests (prefilled together, left-padded, rows sorted by adapter slot),
-then decodes one token for every running request; requests join and leave between steps, and the
-batch's KV cache is re-packed around them (``serve/kv.py``). Every token's adapter is applied by
-forward hooks with the batched ops (``serve/plan.py``), so one forward serves many adapters.
-
-transformers' own continuous batching (``generate_batch``, paged cache) was evaluated as the
-scheduler: it packs every request into one flat row per step and gives a model no per-token
-request identity to route adapters by, so the engine keeps its own small scheduler.
+The engine is the façade: it owns the base model, the registered adapters (``serve/cache.py``,
+slots in ``serve/slots.py``, compressed collections) and one forward pass, in which forward hooks
+apply every token's adapter with the batched ops (``serve/plan.py``), so one forward serves many
+adapters. Requests over time (the queue, admission, prefill and decode steps, the background
+loop) are the scheduler's (``serve/scheduler.py``), which drives the engine through
+:class:`~lorakit.serve.scheduler.Runner`: ``bind``, ``unbind``, ``can_bind`` and ``forward_rows``.
 """
 
 from __future__ import annotations
 
-import collections
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,11 +23,12 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.inject import find_targets
-from lorakit.serve import kv
+from lorakit.models.heads import contiguous_head
 from lorakit.serve.cache import AdapterCache, check_name
 from lorakit.serve.loading import load_collection, load_factors
 from lorakit.serve.plan import CompressedSet, ForwardPlan, Router
-from lorakit.serve.requests import Completion, Request, sample, update_text
+from lorakit.serve.requests import Completion, Request
+from lorakit.serve.scheduler import Scheduler
 from lorakit.serve.slots import SlotBank
 
 
@@ -66,16 +64,9 @@ class Engine:
         self.router = Router()
         self.router.install(self.model, list(dims))
         contiguous_head(self.model)
-        self.max_batch = max_batch
         self.eos = self._eos_ids()
         self.lock = threading.RLock()  # the model: one forward (or adapter conversion) at a time
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.wake = threading.Condition()
-        self.running: list[Request] = []
-        self.kv: Any = None
-        self.tokens_generated = 0
-        self._thread: threading.Thread | None = None
-        self._stop = False
+        self.scheduler = Scheduler(self, max_batch)
         self.collections: list[CompressedSet] = []
         self.compressed: dict[str, tuple[int, int]] = {}  # name -> (collection, core)
         self.cache.restore()
@@ -150,7 +141,7 @@ class Engine:
         if name is not None and name not in self.cache and name not in self.compressed:
             raise ConfigError(f"unknown adapter {name!r}; registered: {', '.join(self.adapters()[:20]) or 'none'}.")
 
-    def _bind(self, reqs: list[Request]) -> None:
+    def bind(self, reqs: list[Request]) -> None:
         """Give each request its slot (or compressed core); a failure releases what was taken."""
         done: list[Request] = []
         try:
@@ -163,13 +154,17 @@ class Engine:
                 done.append(r)
         except BaseException:
             for r in done:
-                self._unbind(r)
+                self.unbind(r)
             raise
 
-    def _unbind(self, r: Request) -> None:
+    def unbind(self, r: Request) -> None:
         if r.slot >= 0 and r.adapter is not None:
             self.cache.release(r.adapter)
         r.slot, r.core = -1, None
+
+    def can_bind(self, reqs: list[Request]) -> bool:
+        """Whether the registered adapters of ``reqs`` fit into the slots at once."""
+        return self.cache.can_acquire({r.adapter for r in reqs if r.adapter is not None and r.adapter in self.cache})
 
     # ---- one forward pass ---------------------------------------------------------------------
 
@@ -188,6 +183,10 @@ class Engine:
                 return self.model(**inputs)
             finally:
                 self.router.plan = None
+
+    def forward_rows(self, reqs: list[Request], tokens_per_row: int, **inputs: Any) -> Any:
+        """The model's output for bound ``reqs``, row b with ``tokens_per_row`` tokens of ``reqs[b]``."""
+        return self._run(self._plan(reqs, tokens_per_row), **inputs)
 
     def forward(
         self,
@@ -210,28 +209,25 @@ class Engine:
                 f"{len(adapters)} adapters."
             )
         reqs = [Request(ids[b].tolist(), a, max_new_tokens=1) for b, a in enumerate(adapters)]
-        self._bind(reqs)
+        self.bind(reqs)
         try:
             order = list(range(len(reqs)))
             if not model_kwargs:
                 order.sort(key=lambda b: reqs[b].sort_key)
-            plan = self._plan([reqs[b] for b in order], ids.shape[1])
             kwargs = {"use_cache": False, **model_kwargs}
-            logits = self._run(plan, input_ids=ids[order], logits_to_keep=keep, **kwargs).logits
+            rows = [reqs[b] for b in order]
+            logits = self.forward_rows(rows, ids.shape[1], input_ids=ids[order], logits_to_keep=keep, **kwargs).logits
             return logits[torch.argsort(torch.tensor(order))]
         finally:
             for r in reqs:
-                self._unbind(r)
+                self.unbind(r)
 
     # ---- requests ------------------------------------------------------------------------------
 
     def submit(self, req: Request) -> Request:
         """Queue ``req`` (checked now: an unknown adapter is a ConfigError); the loop runs it."""
         self._check_adapter(req.adapter)
-        with self.wake:
-            self.waiting.append(req)
-            self.wake.notify()
-        return req
+        return self.scheduler.submit(req)
 
     def generate(
         self,
@@ -262,7 +258,7 @@ class Engine:
         ]
         for r in reqs:
             self.submit(r)
-        if self._thread is None:
+        if not self.scheduler.started:
             while not all(r.done.is_set() for r in reqs):
                 self.step()
         for r in reqs:
@@ -276,184 +272,35 @@ class Engine:
             return list(self.tokenizer(prompt)["input_ids"])
         return [int(t) for t in prompt]
 
-    # ---- the scheduler ---------------------------------------------------------------------------
+    # ---- the scheduler (serve/scheduler.py) ----------------------------------------------------------
 
     def step(self) -> None:
-        """Admit and prefill waiting requests, then decode one token for every running request."""
-        new: list[Request] = []
-        try:
-            self._admit(new)
-            if new:
-                self._prefill(new)
-            if self.running:
-                self._decode()
-        except Exception as e:  # noqa: BLE001 - a failing step fails its requests, never the server
-            message = f"{type(e).__name__}: {e}"
-            for r in {id(r): r for r in [*self.running, *new]}.values():
-                if not r.done.is_set():
-                    self._finish(r, "error", message)
-            self.running, self.kv = [], None
-
-    def _admit(self, new: list[Request]) -> None:
-        """Move waiting requests into ``new`` (bound to slots) while the batch and the slots allow."""
-        with self.wake:
-            while self.waiting and len(self.running) + len(new) < self.max_batch:
-                req = self.waiting[0]
-                if req.cancelled:
-                    self.waiting.popleft()
-                    self._finish(req, "cancelled", None, bound=False)
-                    continue
-                names = {r.adapter for r in [*self.running, *new, req] if r.adapter in self.cache}
-                if not self.cache.can_acquire(names):  # type: ignore[arg-type]
-                    break
-                self.waiting.popleft()
-                try:
-                    self._bind([req])
-                except Exception as e:  # noqa: BLE001 - e.g. removed while it waited: this request fails alone
-                    self._finish(req, "error", str(e), bound=False)
-                    continue
-                new.append(req)
+        """One scheduler step: admit and prefill waiting requests, decode a token for every running one."""
+        self.scheduler.step()
 
     def cancel(self, req: Request) -> None:
         """Stop ``req`` early (e.g. its client went away): it finishes with reason "cancelled" at the next step."""
-        req.cancelled = True
-        with self.wake:
-            self.wake.notify()
-
-    def _prefill(self, new: list[Request]) -> None:
-        new.sort(key=lambda r: r.sort_key)
-        T = max(len(r.prompt_ids) for r in new)
-        ids = torch.zeros(len(new), T, dtype=torch.long)
-        mask = torch.zeros(len(new), T, dtype=torch.long)
-        for i, r in enumerate(new):
-            n = len(r.prompt_ids)
-            ids[i, T - n :], mask[i, T - n :] = torch.tensor(r.prompt_ids), 1
-            r.pad = T - n
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        plan = self._plan(new, T)
-        out = self._run(plan, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self._join(new, out.past_key_values, T)
-        self._emit(new, out.logits[:, -1])
-
-    def _join(self, new: list[Request], cache: Any, T: int) -> None:
-        if self.kv is None:
-            self.running, self.kv = new, cache
-            return
-        L = self.kv.get_seq_length()
-        for r in self.running:
-            r.pad += max(T - L, 0)
-        for r in new:
-            r.pad += max(L - T, 0)
-        rows = [*self.running, *new]
-        order = sorted(range(len(rows)), key=lambda i: rows[i].sort_key)
-        self.kv = kv.select(kv.join(self.kv, cache), torch.tensor(order))
-        self.running = [rows[i] for i in order]
-
-    def _decode(self) -> None:
-        reqs = self.running
-        L = self.kv.get_seq_length()
-        ids = torch.tensor([[r.out_ids[-1]] for r in reqs])
-        mask = torch.ones(len(reqs), L + 1, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            mask[i, : r.pad] = 0
-        pos = torch.tensor([[L - r.pad] for r in reqs])
-        out = self._run(
-            self._plan(reqs, 1),
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=self.kv,
-            use_cache=True,
-        )
-        self.kv = out.past_key_values
-        self._emit(reqs, out.logits[:, -1])
-
-    def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Sample each request's next token; finished ones leave the batch (and the cache)."""
-        for i, r in enumerate(reqs):
-            r.out_ids.append(sample(logits[i], r))
-            self.tokens_generated += 1
-            update_text(r, self.tokenizer, self.eos)
-            if r.cancelled and r.finish_reason is None:
-                r.finish_reason = "cancelled"
-        done = [r for r in self.running if r.finish_reason is not None]
-        if not done:
-            return
-        keep = [i for i, r in enumerate(self.running) if r.finish_reason is None]
-        for r in done:
-            self._finish(r, r.finish_reason or "stop", None)
-        if not keep:
-            self.running, self.kv = [], None
-            return
-        trim = min(self.running[i].pad for i in keep)
-        self.kv = kv.select(self.kv, torch.tensor(keep), trim)
-        self.running = [self.running[i] for i in keep]
-        for r in self.running:
-            r.pad -= trim
-
-    def _finish(self, r: Request, reason: str, error: str | None, *, bound: bool = True) -> None:
-        r.finish_reason, r.error = reason, error
-        if bound:
-            self._unbind(r)
-        if r.on_text is not None and error is None and len(r.text) > r.emitted:
-            piece, r.emitted = r.text[r.emitted :], len(r.text)
-            r.on_text(r, piece)
-        r.done.set()
-
-    # ---- the background loop (the server runs one) ----------------------------------------------
+        self.scheduler.cancel(req)
 
     def start(self) -> None:
         """Run the scheduler in a background thread until :meth:`stop`."""
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
-            self._thread.start()
+        self.scheduler.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            with self.wake:
-                self._stop = True
-                self.wake.notify()
-            self._thread.join()
-            self._thread = None
-
-    def _loop(self) -> None:
-        while True:
-            with self.wake:
-                while not self._stop and not self.waiting and not self.running:
-                    self.wake.wait()
-                if self._stop:
-                    return
-            self.step()
+        self.scheduler.stop()
 
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return len(self.scheduler.waiting)
+
+    @property
+    def running(self) -> list[Request]:
+        """The requests in the running batch."""
+        return self.scheduler.running
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.scheduler.tokens_generated
 
     @staticmethod
     def check_name(name: str) -> str:
         return check_name(name)
-
-
-def _contiguous_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(), *args[1:])
-    return None
-
-
-_contiguous_input.lorakit_layout_only = True  # type: ignore[attr-defined]  # values unchanged: train's fused loss may skip it
-
-
-def contiguous_head(model: nn.Module) -> nn.Module:
-    """Give the model's output head a contiguous input (once; returns the model).
-
-    transformers computes the last position's logits as ``lm_head(hidden[:, -1:, :])``, a strided
-    (B, 1, d) slice, and torch's matmul runs that as a bmm over an expanded weight: 301 ms instead of
-    34 ms for 64 rows and SmolLM2's 49k × 576 head on 2 CPU threads, 40 % of a 64 × 32-token prefill.
-    Copying the slice (B·d values) first takes the plain GEMM.
-    """
-    get_head: Any = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if isinstance(head, nn.Module) and not getattr(head, "_lorakit_contiguous_input", False):
-        head.register_forward_pre_hook(_contiguous_input)
-        head._lorakit_contiguous_input = True  # type: ignore[assignment]
-    return model

@@ -9,7 +9,6 @@ base; they get a clear error that says what to do instead.
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,18 @@ from torch import nn
 from lorakit.errors import AdapterFormatError
 from lorakit.io.adapter import read_config
 from lorakit.io.factors import AdapterFactors, read_factors
+from lorakit.io.peft_format import check_base_norms, is_plain_lora
 from lorakit.serve.plan import CompressedSet
 from lorakit.serve.slots import Factors
 
 CONVERT_NAME = "_lorakit_serve_convert"
 
 
-def _check_fingerprint(where: Path, prints: dict[str, float], weights: dict[str, torch.Tensor | None]) -> None:
-    for module, expected in prints.items():
-        w = weights.get(module)
-        if w is not None and not math.isclose(float(w.detach().float().norm()), expected, rel_tol=1e-2):
-            raise AdapterFormatError(
-                f"{where} was made for a different base model (the weight norm of {module} differs); serve it on "
-                "its own base."
-            )
+def _check_base(
+    where: Path, fingerprint: dict[str, float], base_name: str | None, weights: dict[str, torch.Tensor | None]
+) -> None:
+    norms = {m: float(w.detach().float().norm()) for m in fingerprint if (w := weights.get(m)) is not None}
+    check_base_norms(where, fingerprint, norms, base_name=base_name, fix="Serve it on its own base.")
 
 
 def _as_served(where: Path, f: AdapterFactors, weights: dict[str, torch.Tensor | None]) -> Factors:
@@ -64,12 +61,9 @@ def load_factors(
     model: nn.Module, path: Path, weights: dict[str, torch.Tensor | None], lock: threading.RLock
 ) -> Factors:
     """The served form of the adapter dir ``path`` on ``model`` (whose served weights are ``weights``)."""
-    fields = read_config(path)
-    plain = fields.get("peft_type") == "LORA" and not fields.get("use_dora")
-    block = fields.get("lorakit")
-    if plain and not (isinstance(block, dict) and block.get("method") not in (None, "lora")):
+    if is_plain_lora(read_config(path)):
         f = read_factors(path)
-        _check_fingerprint(path, f.fingerprint, weights)
+        _check_base(path, f.fingerprint, f.base_name, weights)
         return _as_served(path, f, weights)
     with lock:  # the model is briefly changed: no forward may run meanwhile
         return _as_served(path, _convert(model, path), weights)
@@ -100,7 +94,7 @@ def load_collection(path: str | Path, weights: dict[str, torch.Tensor | None]) -
     from lorakit.io.collection import Collection
 
     coll = Collection.load(path)
-    _check_fingerprint(Path(path), coll.fingerprint or {}, weights)
+    _check_base(Path(path), coll.fingerprint or {}, coll.base_name, weights)
     modules = {}
     for module, (U, V, cores) in coll.modules().items():
         w = weights.get(module)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lorakit._buffers import scratch
+from lorakit.models.heads import is_layout_only
 
 FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # forward: logits = lm_head(h); loss = ForCausalLMLoss
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MB in float32: fewer rows run the head GEMM slower)
@@ -87,8 +88,8 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
         return None  # an adapted (wrapped) or trained head: the model's own path
     hooks = [*head._forward_hooks.values(), *head._forward_pre_hooks.values()]
-    if any(not getattr(h, "lorakit_layout_only", False) for h in hooks):
-        return None  # a hook that may change values; one that only lays the input out (serving's) is harmless
+    if any(not is_layout_only(h) for h in hooks):
+        return None  # a hook that may change values; a declared layout-only one (serving's) is harmless
     if torch.is_autocast_enabled(head.weight.device.type):
         return None
     return head

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lorakit as lk
+from lorakit.compose.compress import compress, fit_module
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.io.collection import Collection
 from lorakit.io.factors import read_factors
-from lorakit.serve.compress import compress, fit_module
 from lorakit.testing import randomize_adapters, tiny_llama
 
 RANKS = (2, 3, 4, 6)  # Σ r = 15 ≤ 32 = the smallest min(d_in, d_out) of tiny llama (k_proj, v_proj)

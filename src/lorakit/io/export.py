@@ -40,10 +40,10 @@ from torch import nn
 from lorakit.errors import AdapterFormatError, BaseModelError, ConfigError, LorakitError
 from lorakit.io.adapter import CONFIG_NAME, PREFIX, RESIDUAL_INITS, WEIGHTS_NAME, read_config
 from lorakit.io.atomic import atomic_dir
-from lorakit.io.collection import Collection, check_name, is_collection
+from lorakit.io.collection import Collection, check_names, is_collection
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
-from lorakit.lowrank import truncate
-from lorakit.methods._api import LoraFactors
+from lorakit.io.peft_format import adapter_method, is_plain_lora, lora_scale, pattern_value
+from lorakit.lowrank import LoraFactors, truncate
 
 FORMATS = ("vllm",)
 MANIFEST = "lorakit-export.json"
@@ -71,14 +71,6 @@ class ExportReport:
     def command(self, base: str = "BASE") -> str:
         mods = " ".join(f"{n}={p}" for n, p in self.adapters.items())
         return f"vllm serve {base} --enable-lora --lora-modules {mods} --max-lora-rank {self.max_lora_rank}"
-
-
-def _pattern(patterns: Any, module: str) -> Any | None:
-    """PEFT's rank_pattern / alpha_pattern rule (also vLLM's): the first key matching the name's tail."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
 
 
 def _config_problems(fields: dict[str, Any]) -> list[str]:
@@ -125,15 +117,14 @@ def _tensor_problems(fields: dict[str, Any], shapes: dict[str, tuple[int, ...]])
     r, alpha, rslora = fields.get("r"), fields.get("lora_alpha"), bool(fields.get("use_rslora"))
     if not isinstance(r, int) or not isinstance(alpha, (int, float)) or r < 1:
         return problems
-    global_scale = alpha / (math.sqrt(r) if rslora else r)
+    global_scale = alpha / (math.sqrt(r) if rslora else r)  # what vLLM without rank_pattern support applies
     targets = fields.get("target_modules")
     for module, got in sorted(ranks.items()):
         if set(got) != {"A", "B"} or got["A"] != got["B"]:
             problems.append(f"{module}: the LoRA A and B factors do not pair up (ranks {got}).")
             continue
-        rank = _pattern(fields.get("rank_pattern"), module) or r
-        a = _pattern(fields.get("alpha_pattern"), module)
-        scale = (alpha if a is None else a) / (math.sqrt(rank) if rslora else rank)
+        rank = pattern_value(fields.get("rank_pattern"), module) or r
+        scale = lora_scale(fields, module, rank)
         if rank != got["A"]:
             problems.append(f"{module}: rank {got['A']} in the weights but {rank} in the config.")
         if not math.isclose(scale, global_scale, rel_tol=1e-6):
@@ -163,18 +154,6 @@ def vllm_problems(path: str | Path) -> list[str]:
     return _config_problems(fields) + _tensor_problems(fields, shapes)
 
 
-def _is_plain_lora(fields: dict[str, Any]) -> bool:
-    return (
-        fields.get("peft_type") == "LORA" and not fields.get("use_dora") and not isinstance(fields.get("lorakit"), dict)
-    )
-
-
-def _method_of(fields: dict[str, Any]) -> str:
-    if isinstance(fields.get("lorakit"), dict):
-        return str(fields["lorakit"].get("method"))
-    return "dora" if fields.get("use_dora") else str(fields.get("peft_type", "?")).lower()
-
-
 class _Bases:
     """Base models for converting non-LoRA methods, loaded once per name (a given nn.Module is used as is)."""
 
@@ -195,7 +174,7 @@ class _Bases:
                 self.cache[name] = load_base(name)[0]
             except BaseModelError as e:
                 raise BaseModelError(
-                    f"{path} ({_method_of(fields)}) is converted to LoRA on its base model, and {name!r} cannot be "
+                    f"{path} ({adapter_method(fields)}) is converted to LoRA on its base model, and {name!r} cannot be "
                     f"loaded ({e}); pass the base with --base NAME|DIR (python: base=...)."
                 ) from e
         return self.cache[name]
@@ -256,13 +235,13 @@ def _sources(inputs: Sequence[str | Path], bases: _Bases, rank: int | None) -> l
                 f"{p} has lora_bias (an output shift), which vLLM does not support and a plain LoRA cannot express; "
                 "fold it into the base instead (lorakit merge --into-base)."
             )
-        if _is_plain_lora(fields):
+        if is_plain_lora(fields):
             adapter = read_factors(p)
             if rank is not None:
                 adapter.factors = {m: truncate(f, rank) for m, f in adapter.factors.items()}
             items.append(_Item(p.name, "lora", p, adapter))
         else:
-            items.append(_Item(p.name, _method_of(fields), p, _convert(p, fields, bases.get(fields, p), rank)))
+            items.append(_Item(p.name, adapter_method(fields), p, _convert(p, fields, bases.get(fields, p), rank)))
     return items
 
 
@@ -324,14 +303,11 @@ def export_vllm(
         raise ConfigError(f"rank must be a positive integer, got {rank}.")
     out = Path(out)
     items = _sources(inputs, _Bases(base), rank)
-    names = [item.name for item in items]
-    for n in names:
-        check_name(n, "export")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"two inputs export to the same name {dupes[0]!r} (dir or collection adapter names); rename one."
-        )
+    check_names(
+        [item.name for item in items],
+        "export",
+        "each exports to OUT/<name> (a dir's name or a collection's adapter name); rename one.",
+    )
     report = ExportReport(out, {}, {}, 0)
     for item in items:
         _drop_saved(item.name, item.adapter, drop_saved, report.warnings)

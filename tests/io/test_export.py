@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 import lorakit as lk
 from lorakit.cli import app
+from lorakit.compose.compress import compress
 from lorakit.errors import AdapterFormatError, BaseModelError, ConfigError
 from lorakit.io.collection import Collection
+from lorakit.io.export import export_vllm, vllm_problems
 from lorakit.io.factors import read_factors
-from lorakit.serve.compress import compress
-from lorakit.serve.export import export_vllm, vllm_problems
 from lorakit.testing import randomize_adapters, tiny_llama
 from tests.helpers import logits, tokens
 

@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.io.adapter import read_config
-from lorakit.io.collection import META_NAME, check_name, write_collection
+from lorakit.io.collection import META_NAME, check_names, write_collection
 from lorakit.io.factors import AdapterFactors, read_factors
-from lorakit.methods._api import LoraFactors
+from lorakit.io.peft_format import check_same_base, require_plain_lora
+from lorakit.lowrank import LoraFactors
 
 F64 = torch.float64
 
@@ -150,14 +151,11 @@ def _check_inputs(paths: list[Path], names: list[str], rank: int, iters: int, ou
         raise ConfigError(f"iters must be ≥ 0 (rounds of alternating refinement), got {iters}.")
     if len(names) != len(paths):
         raise ConfigError(f"got {len(names)} name(s) for {len(paths)} adapter(s); give one name per adapter.")
-    for name in names:
-        check_name(name, "compress")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(
-            f"adapter name {dupes[0]!r} is used twice (names default to the dirs' names); pass names=[...] "
-            "(CLI: --names a,b,...) to give each adapter its own."
-        )
+    check_names(
+        names,
+        "compress",
+        "names default to the dirs' names; pass names=[...] (CLI: --names a,b,...) to give each adapter its own.",
+    )
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_NAME).exists())):
@@ -165,14 +163,11 @@ def _check_inputs(paths: list[Path], names: list[str], rank: int, iters: int, ou
 
 
 def _read(path: Path) -> AdapterFactors:
-    fields = read_config(path)
-    if fields.get("peft_type") != "LORA" or fields.get("use_dora") or isinstance(fields.get("lorakit"), dict):
-        block: dict[str, Any] = fields["lorakit"] if isinstance(fields.get("lorakit"), dict) else {}
-        method = block.get("method") or ("dora" if fields.get("use_dora") else str(fields.get("peft_type")).lower())
-        raise AdapterFormatError(
-            f"{path} is a {method!r} adapter, not a plain LoRA; export it to LoRA first "
-            f"(`lorakit export --format vllm {path} --out DIR`) and compress DIR/{path.name}."
-        )
+    require_plain_lora(
+        read_config(path),
+        path,
+        f"export it to LoRA first (`lorakit export --format vllm {path} --out DIR`) and compress DIR/{path.name}.",
+    )
     adapter = read_factors(path)
     if adapter.saved:
         raise AdapterFormatError(
@@ -180,26 +175,6 @@ def _read(path: Path) -> AdapterFactors:
             "cannot hold; compress adapters without modules_to_save."
         )
     return adapter
-
-
-def _check_base(paths: list[Path], adapters: list[AdapterFactors]) -> None:
-    """One base: the same base_model_name_or_path where named, base weight norms within 1%."""
-    first: dict[str, tuple[float, Path]] = {}
-    named = [(p, a.base_name) for p, a in zip(paths, adapters, strict=True) if a.base_name]
-    for p, name in named[1:]:
-        if name != named[0][1]:
-            raise AdapterFormatError(
-                f"{p} was made for base {name!r} but {named[0][0]} for {named[0][1]!r}; a collection holds "
-                "adapters of one base model only."
-            )
-    for path, adapter in zip(paths, adapters, strict=True):
-        for module, norm in adapter.fingerprint.items():
-            ref, ref_path = first.setdefault(module, (norm, path))
-            if abs(norm - ref) > 1e-2 * max(abs(ref), 1e-12):
-                raise AdapterFormatError(
-                    f"{path} and {ref_path} were saved on different base weights (the norm of {module} is "
-                    f"{norm:.4g} vs {ref:.4g}); a collection holds adapters of one base model only."
-                )
 
 
 def _modules(paths: list[Path], adapters: list[AdapterFactors], rank: int) -> dict[str, tuple[str, int, int]]:
@@ -243,7 +218,10 @@ def compress(
     names = [p.name for p in paths] if names is None else list(names)
     _check_inputs(paths, names, rank, iters, out, overwrite)
     loaded = [_read(p) for p in paths]
-    _check_base(paths, loaded)
+    check_same_base(
+        [(p, a.base_name, a.fingerprint) for p, a in zip(paths, loaded, strict=True)],
+        "a collection holds adapters of one base model only.",
+    )
     modules = _modules(paths, loaded, rank)
     dtypes = {f.A.dtype for a in loaded for f in a.factors.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
