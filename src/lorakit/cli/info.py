@@ -1,4 +1,4 @@
-"""`lorakit info`: version, registered methods, bundled models and the cache."""
+"""`lorakit info`: version, registered methods and inits, bundled models and the cache."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.table import Table
 
 import lorakit
 from lorakit.cli._common import friendly_errors, out
+from lorakit.init import INITS
 from lorakit.methods import REGISTRY
 from lorakit.models import BUNDLED, PACKAGES, cache_dir, smollm2_cache
 
@@ -34,12 +35,18 @@ def collect() -> dict[str, Any]:
         {"name": s.name, "paper": s.paper, "url": s.url, "mergeable": s.mergeable}
         for s in sorted(REGISTRY.values(), key=lambda s: s.name)
     ]
-    return {"version": lorakit.__version__, "methods": methods, "models": models, "cache_dir": str(cache_dir())}
+    inits = [
+        {"name": s.name, "paper": s.paper, "url": s.url, "methods": list(s.methods), "calibration": s.calibration}
+        for s in sorted(INITS.values(), key=lambda s: s.name)
+    ]
+    data = {"version": lorakit.__version__, "methods": methods, "inits": inits, "models": models}
+    return data | {"cache_dir": str(cache_dir())}
 
 
 @friendly_errors
 def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False) -> None:
-    """Show the lorakit version, the registered adapter methods, the bundled base models and the cache dir."""
+    """Show the lorakit version, the registered adapter methods and initialisations, the bundled base models and
+    the cache dir."""
     data = collect()
     if json_output:
         typer.echo(json.dumps(data, indent=2))
@@ -51,6 +58,12 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine
     for m in data["methods"]:
         methods.add_row(m["name"], m["paper"], m["url"], "yes" if m["mergeable"] else "no")
     out.print(methods)
+    inits = Table(title="Initialisations (init=NAME on the methods listed)")
+    for col in ("init", "paper", "methods", "reads data"):
+        inits.add_column(col, overflow="fold")
+    for i in data["inits"]:
+        inits.add_row(i["name"], i["paper"], ", ".join(i["methods"]), "yes" if i["calibration"] else "no")
+    out.print(inits)
     models = Table(title="Bundled base models")
     for col in ("name", "model", "package", "cached"):
         models.add_column(col, overflow="fold")

@@ -55,12 +55,15 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: Any) -> AdapterModule:
+        """Build the adapter for the wrapped layer ``base``, read only through ``lorakit.layers``."""
         raise NotImplementedError(f"{cls.__name__} must define from_base(base, cfg)")
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """The adapted output, given the layer input ``x``, the base layer and its output ``y``."""
         raise NotImplementedError(f"{type(self).__name__} must define forward(x, base, y)")
 
     def export_state(self) -> dict[str, torch.Tensor]:
+        """``{PEFT-style per-module suffix: tensor}`` (``lora_A.weight``, ...): what a saved dir holds."""
         raise NotImplementedError(f"{type(self).__name__} must define export_state()")
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
