@@ -105,6 +105,9 @@ class Lora(AdapterModule):
             self.A.requires_grad_(False)  # frozen for good: only B ever trains
         return self
 
+    def init_factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        return self.A, self.B
+
     def out_B(self) -> torch.Tensor:  # (out, r): forward, merge and to_lora read it; comp_lora/salora project it
         return self.B
 
