@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from lorakit.errors import ConfigError
 from lorakit.inject import adapter_names
 from lorakit.io.atomic import atomic_write_bytes
+from lorakit.train import _registry
 from lorakit.train.data import Record, collate
 from lorakit.train.loss import training_loss
-from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.optimizers import OPTIMIZERS, build_optimizer
+from lorakit.train.schedule import SCHEDULES, build_scheduler
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +48,7 @@ class TrainConfig:
     warmup: int = 0
     """Warm-up steps."""
     optimizer: str = "adamw"
-    """'adamw', 'loraplus' (LoRA+: B gets lr·loraplus_ratio) or 'lorafa' (LoRA-FA: A frozen, projected B update)."""
+    """A registered optimizer (``lorakit info`` lists them): 'adamw', 'loraplus' (LoRA+), 'lorafa' (LoRA-FA), ..."""
     loraplus_ratio: float = 16.0
     """LoRA+ ratio λ = lr_B / lr_A."""
     max_grad_norm: float | None = 1.0
@@ -68,10 +70,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}.")
-        if self.schedule not in ("cosine", "linear", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}.")
-        if self.optimizer not in ("adamw", "loraplus", "lorafa"):
-            raise ConfigError(f"optimizer must be 'adamw', 'loraplus' or 'lorafa', got {self.optimizer!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise _registry.unknown(OPTIMIZERS, "optimizer", self.optimizer)
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
         if self.warmup < 0 or self.save_every < 0:
