@@ -1,4 +1,4 @@
-"""`lorakit info`: version, registered methods, bundled models and the cache."""
+"""`lorakit info`: version, registered methods, optimizers and training callbacks, bundled models and the cache."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import lorakit
 from lorakit.cli._common import friendly_errors, out
 from lorakit.methods import REGISTRY
 from lorakit.models import BUNDLED, PACKAGES, cache_dir, smollm2_cache
+from lorakit.train.callbacks import CALLBACKS
+from lorakit.train.optimizers import OPTIMIZERS
 
 
 def collect() -> dict[str, Any]:
@@ -34,12 +36,22 @@ def collect() -> dict[str, Any]:
         {"name": s.name, "paper": s.paper, "url": s.url, "mergeable": s.mergeable}
         for s in sorted(REGISTRY.values(), key=lambda s: s.name)
     ]
-    return {"version": lorakit.__version__, "methods": methods, "models": models, "cache_dir": str(cache_dir())}
+    optimizers = [{"name": s.name, "help": s.help, "paper": s.paper, "url": s.url} for s in OPTIMIZERS.values()]
+    callbacks = [{"name": s.name, "help": s.help} for s in CALLBACKS.values()]
+    return {
+        "version": lorakit.__version__,
+        "methods": methods,
+        "optimizers": sorted(optimizers, key=lambda o: o["name"]),
+        "callbacks": sorted(callbacks, key=lambda c: c["name"]),
+        "models": models,
+        "cache_dir": str(cache_dir()),
+    }
 
 
 @friendly_errors
 def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False) -> None:
-    """Show the lorakit version, the registered adapter methods, the bundled base models and the cache dir."""
+    """Show the lorakit version, the registered adapter methods, optimizers and training callbacks, the bundled
+    base models and the cache dir."""
     data = collect()
     if json_output:
         typer.echo(json.dumps(data, indent=2))
@@ -51,6 +63,16 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine
     for m in data["methods"]:
         methods.add_row(m["name"], m["paper"], m["url"], "yes" if m["mergeable"] else "no")
     out.print(methods)
+    for title, key in (
+        ("Optimizers (lorakit train --optimizer)", "optimizers"),
+        ("Training callbacks (--callback)", "callbacks"),
+    ):
+        table = Table(title=title)
+        for col in ("name", "what it does"):
+            table.add_column(col, overflow="fold")
+        for entry in data[key]:
+            table.add_row(entry["name"], entry["help"])
+        out.print(table)
     models = Table(title="Bundled base models")
     for col in ("name", "model", "package", "cached"):
         models.add_column(col, overflow="fold")
