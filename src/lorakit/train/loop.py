@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lorakit.errors import ConfigError
 from lorakit.inject import adapter_names
 from lorakit.io.atomic import atomic_write_bytes
-from lorakit.train import _registry
+from lorakit.train._registry import unknown_entry
 from lorakit.train.callbacks import TrainState, build_callbacks, check_callbacks
 from lorakit.train.data import Record, collate
 from lorakit.train.loss import training_loss
@@ -79,7 +79,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}.")
         if self.optimizer not in OPTIMIZERS:
-            raise _registry.unknown(OPTIMIZERS, "optimizer", self.optimizer)
+            raise unknown_entry(OPTIMIZERS, "optimizer", self.optimizer)
         names = (self.callbacks,) if isinstance(self.callbacks, str) else tuple(self.callbacks or ())
         object.__setattr__(self, "callbacks", names)  # a YAML list or a single name -> a tuple
         check_callbacks(self.callbacks)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit.train import _registry
+from lorakit.train._registry import add_entry, get_entry
 
 if TYPE_CHECKING:
     from lorakit.train.loop import TrainConfig
@@ -115,7 +115,7 @@ def register_callback(name: str, *, help: str) -> Callable[[type[Callback]], typ
         if not issubclass(cls, Callback):
             raise TypeError(f"callback {name!r}: {cls.__name__} must subclass lorakit.train.callbacks.Callback")
         same = name in CALLBACKS and CALLBACKS[name].cls is cls
-        _registry.add(CALLBACKS, "callback", name, CallbackSpec(name, cls, help), same)
+        add_entry(CALLBACKS, "callback", name, CallbackSpec(name, cls, help), same)
         return cls
 
     return wrap
@@ -129,9 +129,9 @@ def callback_names() -> str:
 def check_callbacks(names: tuple[str, ...]) -> None:
     """A clear ConfigError for the first name that is not registered."""
     for name in names:
-        _registry.lookup(CALLBACKS, "callback", name)
+        get_entry(CALLBACKS, "callback", name)
 
 
 def build_callbacks(names: tuple[str, ...]) -> CallbackList:
     """One instance of each named callback, in order (a name given twice runs once)."""
-    return CallbackList([_registry.lookup(CALLBACKS, "callback", name).cls() for name in dict.fromkeys(names)])
+    return CallbackList([get_entry(CALLBACKS, "callback", name).cls() for name in dict.fromkeys(names)])

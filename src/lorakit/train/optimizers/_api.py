@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.inject import wrappers
 from lorakit.methods._api import AdapterModule
-from lorakit.train import _registry
+from lorakit.train._registry import add_entry, get_entry
 
 if TYPE_CHECKING:
     from lorakit.train.loop import TrainConfig
@@ -46,7 +46,7 @@ def register_optimizer(name: str, *, help: str, paper: str, url: str) -> Callabl
 
     def wrap(build: Builder) -> Builder:
         same = name in OPTIMIZERS and OPTIMIZERS[name].build is build
-        _registry.add(OPTIMIZERS, "optimizer", name, OptimizerSpec(name, build, help, paper, url), same)
+        add_entry(OPTIMIZERS, "optimizer", name, OptimizerSpec(name, build, help, paper, url), same)
         return build
 
     return wrap
@@ -59,7 +59,7 @@ def optimizer_names() -> str:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` over ``model``'s trainable parameters."""
-    return _registry.lookup(OPTIMIZERS, "optimizer", cfg.optimizer).build(model, cfg)
+    return get_entry(OPTIMIZERS, "optimizer", cfg.optimizer).build(model, cfg)
 
 
 def active_adapters(model: nn.Module) -> Iterator[tuple[AdapterModule, nn.Module]]:
