@@ -36,7 +36,7 @@ from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, smollm2_shape
 from lorakit.train.loop import TrainConfig
 from lorakit.train.loss import training_loss
-from lorakit.train.optim import build_optimizer
+from lorakit.train.optimizers import build_optimizer
 
 B, T, R, ALPHA, LR, WD = 4, 128, 16, 32.0, 1e-4, 0.0
 

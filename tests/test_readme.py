@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import lorakit as lk
 from lorakit.cli import app
 from lorakit.cli.readme import END, START, main, methods_table, render
+from lorakit.train.callbacks import CALLBACKS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text()
@@ -118,13 +119,17 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
 def test_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write out/adapter relative to the working dir
     snippets = [b for b in blocks("python") if "@register(" not in b]  # the method outline is a template
-    assert len(snippets) == 6
+    assert len(snippets) == 8
     namespace: dict = {}
-    for code in snippets:  # one namespace: later snippets continue the first one, as a reader would
-        exec(compile(code, str(README), "exec"), namespace)
+    try:
+        for code in snippets:  # one namespace: later snippets continue the first one, as a reader would
+            exec(compile(code, str(README), "exec"), namespace)
+    finally:
+        CALLBACKS.pop("print_loss", None)  # the training-callback example registers one
     model, merged, peft_model = namespace["model"], namespace["merged"], namespace["peft_model"]
     assert lk.adapter_names(model) == ["default"] and lk.active_adapter(model) == "default"
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len((tmp_path / "out" / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # the callback example
     assert lk.adapter_names(namespace["model2"]) == ["x"]
     assert "lora" in namespace["lk"].methods()
     ids = namespace["ids"]

@@ -52,6 +52,19 @@ def test_info_lists_methods_models_and_cache():
     assert data["cache_dir"] == str(cache_dir()) and data["version"] == lk.__version__
 
 
+def test_info_lists_the_optimizers_and_training_callbacks_with_their_help():
+    from lorakit.train.callbacks import CALLBACKS
+    from lorakit.train.optimizers import OPTIMIZERS
+
+    text = " ".join(invoke("info").stdout.replace("│", " ").split())
+    for spec in (*OPTIMIZERS.values(), *CALLBACKS.values()):
+        assert spec.name in text and spec.help in text, spec.name
+    data = json.loads(invoke("info", "--json").stdout)
+    assert [o["name"] for o in data["optimizers"]] == sorted(OPTIMIZERS)
+    assert {o["name"]: o["url"] for o in data["optimizers"]} == {n: s.url for n, s in OPTIMIZERS.items()}
+    assert {c["name"]: c["help"] for c in data["callbacks"]} == {n: s.help for n, s in CALLBACKS.items()}
+
+
 def test_inspect_counts_match_the_model(saved):
     path, model, method = saved
     ranks = Counter(w.adapters["default"].config.r for _, w in wrappers(model))

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 import lorakit as lk
 from lorakit.cli import app
+from lorakit.train.callbacks import CALLBACKS
 from lorakit.train.evaluate import exact_match
+from lorakit.train.optimizers import OPTIMIZERS
 from lorakit.train.tasks import task_examples
 
 runner = CliRunner()
@@ -153,3 +155,20 @@ def test_yaml_with_unknown_keys_is_rejected(tmp_path):
     cfg.write_text("steps: 2\nlearning_rate: 0.1\n")
     result = invoke("train", "--config", cfg, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "unknown option(s) learning_rate" in result.output
+
+
+def test_optimizer_and_callback_flags_come_from_the_registries(tiny_checkpoint, tmp_path):
+    text = " ".join(invoke("train", "--help").stdout.replace("│", " ").split())
+    assert all(name in text for name in (*OPTIMIZERS, *CALLBACKS)), text
+    out = tmp_path / "a"
+    args = ["--base", tiny_checkpoint, "--steps", 2, "--optimizer", "loraplus", "--callback", "adapter_steps", *QUICK]
+    result = invoke("train", *args, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["train"]["optimizer"] == "loraplus" and report["train"]["callbacks"] == ["adapter_steps"]
+    for flag, name, fragment in (
+        ("--optimizer", "lorapls", "unknown optimizer 'lorapls'. Did you mean 'loraplus'"),
+        ("--callback", "nope", "unknown callback 'nope'."),
+    ):
+        bad = invoke("train", "--base", tiny_checkpoint, "--task", "date", flag, name, "--out", tmp_path / "x")
+        assert bad.exit_code == 2 and fragment in " ".join(bad.output.split()), bad.output

@@ -1,4 +1,4 @@
-"""`lorakit info`: version, registered methods and inits, bundled models and the cache."""
+"""`lorakit info`: version, registered methods, inits, optimizers and training callbacks, bundled models, the cache."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from lorakit.cli._common import friendly_errors, out
 from lorakit.init import INITS
 from lorakit.methods import REGISTRY
 from lorakit.models import BUNDLED, PACKAGES, cache_dir, smollm2_cache
+from lorakit.train.callbacks import CALLBACKS
+from lorakit.train.optimizers import OPTIMIZERS
 
 
 def collect() -> dict[str, Any]:
@@ -39,14 +41,23 @@ def collect() -> dict[str, Any]:
         {"name": s.name, "paper": s.paper, "url": s.url, "methods": list(s.methods), "calibration": s.calibration}
         for s in sorted(INITS.values(), key=lambda s: s.name)
     ]
-    data = {"version": lorakit.__version__, "methods": methods, "inits": inits, "models": models}
-    return data | {"cache_dir": str(cache_dir())}
+    optimizers = [{"name": s.name, "help": s.help, "paper": s.paper, "url": s.url} for s in OPTIMIZERS.values()]
+    callbacks = [{"name": s.name, "help": s.help} for s in CALLBACKS.values()]
+    return {
+        "version": lorakit.__version__,
+        "methods": methods,
+        "inits": inits,
+        "optimizers": sorted(optimizers, key=lambda o: o["name"]),
+        "callbacks": sorted(callbacks, key=lambda c: c["name"]),
+        "models": models,
+        "cache_dir": str(cache_dir()),
+    }
 
 
 @friendly_errors
 def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False) -> None:
-    """Show the lorakit version, the registered adapter methods and initialisations, the bundled base models and
-    the cache dir."""
+    """Show the lorakit version, the registered adapter methods, initialisations, optimizers and training
+    callbacks, the bundled base models and the cache dir."""
     data = collect()
     if json_output:
         typer.echo(json.dumps(data, indent=2))
@@ -64,6 +75,8 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine
     for i in data["inits"]:
         inits.add_row(i["name"], i["paper"], ", ".join(i["methods"]), "yes" if i["calibration"] else "no")
     out.print(inits)
+    _print_named(data, "Optimizers (lorakit train --optimizer)", "optimizers")
+    _print_named(data, "Training callbacks (--callback)", "callbacks")
     models = Table(title="Bundled base models")
     for col in ("name", "model", "package", "cached"):
         models.add_column(col, overflow="fold")
@@ -75,3 +88,13 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine
         models.add_row(m["name"], m["description"], package, cached)
     out.print(models)
     out.print(f"cache dir: {data['cache_dir']}", soft_wrap=True)
+
+
+def _print_named(data: dict[str, Any], title: str, key: str) -> None:
+    """A two-column table (name, what it does) of one registry in ``data``."""
+    table = Table(title=title)
+    for col in ("name", "what it does"):
+        table.add_column(col, overflow="fold")
+    for entry in data[key]:
+        table.add_row(entry["name"], entry["help"])
+    out.print(table)

@@ -18,6 +18,8 @@ from rich.table import Table
 from lorakit.cli._common import err, friendly_errors
 from lorakit.cli._common import out as console
 from lorakit.errors import ConfigError
+from lorakit.train.callbacks import callback_names
+from lorakit.train.optimizers import optimizer_names
 
 RUN_FIELDS = (
     "base",
@@ -110,12 +112,19 @@ def train(
     lr: Annotated[float | None, Opt(help="Peak learning rate (default 2e-4).")] = None,
     schedule: Annotated[str | None, Opt(help="cosine, linear or constant (default cosine).")] = None,
     warmup: Annotated[int | None, Opt(help="Warm-up steps (default 0).")] = None,
-    optimizer: Annotated[str | None, Opt(help="adamw, loraplus or lorafa (default adamw).")] = None,
+    optimizer: Annotated[str | None, Opt(help=f"A registered optimizer: {optimizer_names()} (default adamw).")] = None,
     loraplus_ratio: Annotated[float | None, Opt(help="LoRA+ ratio lr_B / lr_A (default 16).")] = None,
     mixed_precision: Annotated[str | None, Opt(help="no, bf16 or fp16 (default no).")] = None,
     grad_checkpointing: Annotated[bool | None, Opt(help="Recompute activations to save memory.")] = None,
     seed: Annotated[int | None, Opt(help="Seed for data order, dropout and init (default 0).")] = None,
     save_every: Annotated[int | None, Opt(help="Checkpoint every N steps for --resume (0: never) (default 0).")] = None,
+    callbacks: Annotated[
+        list[str] | None,
+        Opt(
+            "--callback",
+            help=f"Registered training callback to run (repeatable; adapter_steps always runs): {callback_names()}.",
+        ),
+    ] = None,
     resume: Annotated[bool, Opt(help="Continue from OUT/checkpoint.pt if present.")] = False,
     packing: Annotated[bool | None, Opt(help="Pack several records into each sequence.")] = None,
     max_len: Annotated[int | None, Opt(help="Longest sequence in tokens (default 256).")] = None,

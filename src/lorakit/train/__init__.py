@@ -1,4 +1,5 @@
-"""Training: one accelerate loop for every method, data formats, built-in tasks, evaluation, optimisers."""
+"""Training: one accelerate loop for every method, optimizer and callback registries, data formats, built-in
+tasks, evaluation."""
 
 from lorakit.train.data import Record, encode_rows, read_jsonl
 from lorakit.train.evaluate import ExactMatch, exact_match, mean_loss

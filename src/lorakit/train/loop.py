@@ -2,7 +2,8 @@
 
 ``accelerate launch`` runs this same loop on many GPUs or nodes. The batch order is a pure
 function of (seed, step), and a checkpoint holds only what changes (adapter weights, optimiser,
-scheduler, RNG), so a resumed run reproduces the uninterrupted one exactly.
+scheduler, RNG), so a resumed run reproduces the uninterrupted one exactly. The optimizer comes from
+the ``optimizers/`` registry; the ``callbacks/`` registry's hooks run at fixed points of every step.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ from tqdm.auto import tqdm
 from lorakit.errors import ConfigError
 from lorakit.inject import adapter_names
 from lorakit.io.atomic import atomic_write_bytes
+from lorakit.train._registry import unknown_entry
+from lorakit.train.callbacks import TrainState, build_callbacks, check_callbacks
 from lorakit.train.data import Record, collate
 from lorakit.train.loss import training_loss
-from lorakit.train.optim import build_optimizer, build_scheduler
+from lorakit.train.optimizers import OPTIMIZERS, build_optimizer
+from lorakit.train.schedule import SCHEDULES, build_scheduler
+
+ALWAYS_ON = ("adapter_steps",)  # callbacks every run has, before the configured ones
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +52,7 @@ class TrainConfig:
     warmup: int = 0
     """Warm-up steps."""
     optimizer: str = "adamw"
-    """'adamw', 'loraplus' (LoRA+: B gets lr·loraplus_ratio) or 'lorafa' (LoRA-FA: A frozen, projected B update)."""
+    """A registered optimizer (``lorakit info`` lists them): 'adamw', 'loraplus' (LoRA+), 'lorafa' (LoRA-FA), ..."""
     loraplus_ratio: float = 16.0
     """LoRA+ ratio λ = lr_B / lr_A."""
     max_grad_norm: float | None = 1.0
@@ -61,6 +67,8 @@ class TrainConfig:
     """Write a metrics line every N steps."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    callbacks: tuple[str, ...] = ()
+    """Registered training callbacks to run, in order (``adapter_steps`` always runs first)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -68,10 +76,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}.")
-        if self.schedule not in ("cosine", "linear", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}.")
-        if self.optimizer not in ("adamw", "loraplus", "lorafa"):
-            raise ConfigError(f"optimizer must be 'adamw', 'loraplus' or 'lorafa', got {self.optimizer!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_entry(OPTIMIZERS, "optimizer", self.optimizer)
+        names = (self.callbacks,) if isinstance(self.callbacks, str) else tuple(self.callbacks or ())
+        object.__setattr__(self, "callbacks", names)  # a YAML list or a single name -> a tuple
+        check_callbacks(self.callbacks)
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
         if self.warmup < 0 or self.save_every < 0:
@@ -147,7 +158,7 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any) -> tupl
 def _accumulate(
     model: nn.Module, acc: Any, records: Sequence[Record], cfg: TrainConfig, step: int, pad_id: int
 ) -> tuple[float, int]:
-    """Forward + backward over the step's micro-batches, then clip; returns (loss, tokens)."""
+    """Forward + backward over the step's micro-batches; returns (loss, tokens)."""
     step_loss, step_tokens = 0.0, 0
     for j in range(cfg.grad_accum):
         idx = batch_indices(len(records), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed)
@@ -157,9 +168,16 @@ def _accumulate(
         acc.backward(loss)
         step_loss += float(loss.detach())
         step_tokens += int(batch["attention_mask"].sum())
+    return step_loss, step_tokens
+
+
+def _optimizer_step(model: nn.Module, acc: Any, cfg: TrainConfig, state: TrainState) -> None:
+    """Clip the gradients, step the optimizer and the schedule, clear the gradients."""
     if cfg.max_grad_norm:
         acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-    return step_loss, step_tokens
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
 
 
 def train(
@@ -178,6 +196,7 @@ def train(
 
     ``full=True`` trains whatever requires grad without an adapter (a full or partial fine-tune,
     e.g. to make a checkpoint to extract from); otherwise an attached adapter is required.
+    ``ALWAYS_ON`` and then ``cfg.callbacks`` run at their points of every step (callbacks/_api.py).
     """
     from accelerate import Accelerator
 
@@ -198,19 +217,25 @@ def train(
     ckpt = out_dir / "checkpoint.pt"
     start, losses = _load_checkpoint(ckpt, model, opt, sched) if resume and ckpt.exists() else (0, [])
     result = TrainResult(losses=losses, resumed_from=start)
+    callbacks = build_callbacks((*ALWAYS_ON, *cfg.callbacks))
+    state = TrainState(model=acc.unwrap_model(model), optimizer=opt, scheduler=sched, config=cfg, step=start)
     metrics = (out_dir / "metrics.jsonl").open("a" if start else "w")
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress or not acc.is_local_main_process)
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
+        state.step, state.metrics = step, {}
+        callbacks.on_step_begin(state)
         step_loss, step_tokens = _accumulate(model, acc, records, cfg, step, pad_id)
-        lr = sched.get_last_lr()[0]  # the rate this step used
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr = state.scheduler.get_last_lr()[0]  # the rate this step used
+        state.metrics = {"loss": step_loss, "lr": float(lr), "tokens": step_tokens}
+        callbacks.after_backward(state)
+        _optimizer_step(model, acc, cfg, state)
         result.losses.append(step_loss)
         result.tokens += step_tokens
         elapsed = time.perf_counter() - t0
+        state.step, state.metrics["tokens_per_s"] = step + 1, result.tokens / elapsed
+        callbacks.on_step_end(state)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}")
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -220,9 +245,11 @@ def train(
         if on_step is not None:
             on_step(step + 1, step_loss)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, step + 1, result.losses)
+            _save_checkpoint(ckpt, state.model, state.optimizer, state.scheduler, step + 1, result.losses)
+            callbacks.on_save(state, ckpt)
     bar.close()
     metrics.close()
+    callbacks.on_end(state)
     result.seconds = time.perf_counter() - t0
     model.eval()
     if ckpt.exists():

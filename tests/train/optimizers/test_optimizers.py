@@ -9,7 +9,10 @@ from safetensors.torch import load_file
 import lorakit as lk
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.loop import TrainConfig
-from lorakit.train.optim import adamw, build_optimizer, lorafa_grad, loraplus_groups
+from lorakit.train.optimizers import build_optimizer
+from lorakit.train.optimizers.adamw import adamw
+from lorakit.train.optimizers.lorafa import lorafa_grad
+from lorakit.train.optimizers.loraplus import loraplus_groups
 
 X = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(5))
 

@@ -1,0 +1,137 @@
+"""The training-callback contract and its registry.
+
+A callback is one file in ``lorakit/train/callbacks/`` holding one :class:`Callback` subclass decorated
+with ``@register_callback(name, help=...)``; importing ``lorakit.train.callbacks`` imports every such
+file, so adding one edits no other file. ``TrainConfig.callbacks`` (``lorakit train --callback NAME``)
+names the ones a run uses; the loop builds each (no arguments) and calls every hook of every active
+callback, in the configured order, at these points of each optimizer step::
+
+    on_step_begin   before the step's first forward
+    after_backward  every micro-batch's gradient is in .grad; before clipping and the optimizer step
+    on_step_end     after the optimizer and scheduler step (gradients already zeroed)
+    on_save         after a checkpoint is written (``path``)
+    on_end          once, after the last step
+
+Rank allocators, schedules and layer samplers are callbacks: :class:`TrainState` hands them the
+model, the optimizer and the scheduler the loop steps, which they may change in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lorakit.train._registry import add_entry, get_entry
+
+if TYPE_CHECKING:
+    from lorakit.train.loop import TrainConfig
+
+
+@dataclass
+class TrainState:
+    """What every hook sees; the loop updates ``step`` and ``metrics`` as it goes."""
+
+    model: nn.Module
+    """The model being trained (accelerate's wrapper taken off)."""
+    optimizer: torch.optim.Optimizer
+    """The optimizer the loop steps (accelerate's wrapper around the registered optimizer's)."""
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    """The learning-rate scheduler the loop steps after the optimizer."""
+    config: TrainConfig
+    step: int = 0
+    """Optimizer steps done: k in step k+1's on_step_begin and after_backward, k+1 from its on_step_end."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The step's numbers where known: {} at its begin; loss, lr and tokens after backward;
+    tokens_per_s too at its end."""
+
+
+class Callback:
+    """Hooks into the training loop; each defaults to doing nothing."""
+
+    def on_step_begin(self, state: TrainState) -> None:
+        """Before the step's first forward."""
+
+    def after_backward(self, state: TrainState) -> None:
+        """Gradients of the whole step exist (all micro-batches); clipping and the optimizer step follow."""
+
+    def on_step_end(self, state: TrainState) -> None:
+        """After the optimizer and scheduler step."""
+
+    def on_save(self, state: TrainState, path: Path) -> None:
+        """After the loop wrote a checkpoint to ``path``."""
+
+    def on_end(self, state: TrainState) -> None:
+        """Once, after the last step."""
+
+
+class CallbackList(Callback):
+    """Several callbacks as one: each hook runs theirs, in order."""
+
+    def __init__(self, callbacks: list[Callback]):
+        self.callbacks = callbacks
+
+    def on_step_begin(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback.on_step_begin(state)
+
+    def after_backward(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback.after_backward(state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback.on_step_end(state)
+
+    def on_save(self, state: TrainState, path: Path) -> None:
+        for callback in self.callbacks:
+            callback.on_save(state, path)
+
+    def on_end(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback.on_end(state)
+
+
+@dataclass(frozen=True)
+class CallbackSpec:
+    """What the registry knows about one callback."""
+
+    name: str
+    cls: type[Callback]
+    help: str  # one line, for --help and `lorakit info`
+
+
+CALLBACKS: dict[str, CallbackSpec] = {}
+
+
+def register_callback(name: str, *, help: str) -> Callable[[type[Callback]], type[Callback]]:
+    """Class decorator that adds a :class:`Callback` subclass to :data:`CALLBACKS` under ``name``."""
+
+    def wrap(cls: type[Callback]) -> type[Callback]:
+        if not issubclass(cls, Callback):
+            raise TypeError(f"callback {name!r}: {cls.__name__} must subclass lorakit.train.callbacks.Callback")
+        same = name in CALLBACKS and CALLBACKS[name].cls is cls
+        add_entry(CALLBACKS, "callback", name, CallbackSpec(name, cls, help), same)
+        return cls
+
+    return wrap
+
+
+def callback_names() -> str:
+    """The registered names, for help texts."""
+    return ", ".join(sorted(CALLBACKS))
+
+
+def check_callbacks(names: tuple[str, ...]) -> None:
+    """A clear ConfigError for the first name that is not registered."""
+    for name in names:
+        get_entry(CALLBACKS, "callback", name)
+
+
+def build_callbacks(names: tuple[str, ...]) -> CallbackList:
+    """One instance of each named callback, in order (a name given twice runs once)."""
+    return CallbackList([get_entry(CALLBACKS, "callback", name).cls() for name in dict.fromkeys(names)])
