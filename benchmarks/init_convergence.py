@@ -54,13 +54,17 @@ import torch
 
 import lorakit as lk
 from _common import emit
+from lorakit.init import INITS as INIT_OPTIONS
+from lorakit.initialize import needs_calibration
 from lorakit.train import TrainConfig, encode_rows, exact_match, mean_loss, task_examples, train
 from lorakit.train.data import pad_id
 from lorakit.train.run import RunSpec, calibration_batches
 
 BASELINE = "lora"
-# Every registered F3 init, in issue 8's order. An init that fails on SmolLM2 is moved to EXCLUDED
-# (name -> what failed), which the JSON reports; `--inits` can still name it.
+# Every F3 init, in issue 8's order: init options of LoRA (pissa, lora_ga, eva, gora) and the inits that
+# are methods (lora_one: LoRA-One's init with the authors' alpha = 16, rsLoRA; lora_sb, loldu, ...). An init
+# that fails on SmolLM2 is moved to EXCLUDED (name -> what failed), which the JSON reports; `--inits` can
+# still name it.
 INITS = ["pissa", "lora_ga", "lora_one", "eva", "lora_sb", "gora", "loldu", "comp_lora", "salora", "dota"]
 EXCLUDED: dict[str, str] = {}
 TRAIN_EXAMPLES, MAX_LEN = 400, 128
@@ -87,12 +91,28 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def method_of(name: str) -> str:
+    """The registered method ``name`` runs: itself, or LoRA for an init option."""
+    return name if name in lk.REGISTRY else BASELINE
+
+
+def build_config(name: str, opts: dict[str, Any]) -> Any:
+    """``name``'s config: a registered method with ``opts``, or LoRA with init=name (its options in init_options)."""
+    if name in lk.REGISTRY:
+        return lk.method_config(name, **opts)
+    lora = {f.name for f in dataclasses.fields(lk.REGISTRY[BASELINE].config)}
+    own = {k: v for k, v in opts.items() if k not in lora}
+    return lk.method_config(BASELINE, init=name, init_options=own, **{k: v for k, v in opts.items() if k in lora})
+
+
 def method_options(name: str, rank: int, lr: float, sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """r = rank (DoTA: bond_dim = rank), LoRA-SB's first-step η = the training lr, then the --set overrides."""
-    fields = {f.name for f in dataclasses.fields(lk.REGISTRY[name].config)}
+    fields = {f.name for f in dataclasses.fields(lk.REGISTRY[method_of(name)].config)}
     opts: dict[str, Any] = {"r": rank} if "r" in fields else {"bond_dim": rank} if "bond_dim" in fields else {}
     if name == "lora_sb":
         opts["lr"] = lr
+    if name == "gora":  # the authors run GoRA with rsLoRA scaling and α = 16 (the method's defaults before)
+        opts |= {"alpha": 16.0, "rslora": True}
     opts.update(sets.get(name, {}))
     return opts
 
@@ -136,17 +156,17 @@ class Bench:
 
     def run(self, name: str, lr: float, opts: dict[str, Any]) -> dict[str, Any]:
         """Attach ``name`` to a fresh copy of the base, train it, evaluate it; the run's record."""
-        spec = lk.REGISTRY[name]
-        cfg = lk.method_config(name, **opts)
+        cfg = build_config(name, opts)
+        calibrate = needs_calibration(lk.REGISTRY[method_of(name)], cfg)
         model = copy.deepcopy(self.base)
         torch.manual_seed(self.args.seed)  # random factors (LoRA's A) are the same in every run
         t0 = time.perf_counter()
-        lk.attach(model, cfg, targets="all-linear", calibration=self.calibration if spec.needs_calibration else None)
+        lk.attach(model, cfg, targets="all-linear", calibration=self.calibration if calibrate else None)
         init_s = time.perf_counter() - t0
         rec: dict[str, Any] = {
             "config": dataclasses.asdict(cfg),
             "lr": lr,
-            "needs_calibration": spec.needs_calibration,
+            "needs_calibration": calibrate,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "init_s": init_s,
         }
@@ -267,8 +287,8 @@ def overrides(args: argparse.Namespace) -> tuple[dict[str, float], dict[str, dic
             raise SystemExit(f"--set expects NAME:KEY=VALUE, got {item!r}")
         sets.setdefault(name, {}).update({k: parse_value(v) for k, v in parse_pairs([rest], "--set").items()})
     for name in [*lr_for, *sets]:
-        if name not in lk.REGISTRY:
-            raise SystemExit(f"unknown method {name!r} in --lr-for/--set")
+        if name not in lk.REGISTRY and name not in INIT_OPTIONS:
+            raise SystemExit(f"unknown method or init {name!r} in --lr-for/--set")
     return lr_for, sets
 
 
@@ -299,11 +319,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lr_for, sets = overrides(args)
     inits = [n.strip() for n in args.inits.split(",") if n.strip()]
-    unknown = [n for n in inits if n not in lk.REGISTRY]
+    unknown = [n for n in inits if n not in lk.REGISTRY and n not in INIT_OPTIONS]
     if unknown:
-        raise SystemExit(
-            f"unknown init(s) {unknown}; registered F3: {[n for n, s in lk.REGISTRY.items() if s.family == 'F3']}"
-        )
+        f3 = [n for n, s in lk.REGISTRY.items() if s.family == "F3"]
+        raise SystemExit(f"unknown init(s) {unknown}; init options: {sorted(INIT_OPTIONS)}, F3 methods: {f3}")
     load_before = os.getloadavg()[0]
     bench = Bench(args)
     try:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from lorakit import layers as L
 from lorakit.errors import ConfigError, TargetError
@@ -29,6 +28,7 @@ from lorakit.layers._wrapper import WRAPPERS, AdaptedLayer, SavedModule, disable
 from lorakit.methods._api import AdapterModule, MethodSpec, spec_of_config
 
 Targets = str | Sequence[str]
+LINEAR_FAMILIES = ("linear", "conv1d")  # what "all-linear" selects (every kind of those families)
 __all__ = ["AdaptedLayer", "SavedModule", "attach", "delete_adapter", "disabled", "merge", "set_active"]
 __all__ += ["active_adapter", "adapter_info", "adapter_names", "find_targets", "logical_modules", "wrappers"]
 
@@ -89,14 +89,14 @@ def find_targets(model: nn.Module, targets: Targets, exclude: Targets | None = N
         if not name:
             continue
         if targets == "all-linear":
-            hit = isinstance(module, (nn.Linear, Conv1D)) and module is not head
+            hit = module is not head and L.kind_of(module) is not None and L.layer_kind(module) in LINEAR_FAMILIES
         else:
             hit = name_matches(targets, name)
         if hit and not (exclude and name_matches(exclude, name)):
             L.layer_kind(module, name)  # unsupported type -> TargetError naming the module
             chosen.append(name)
     if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in logical_modules(model) if isinstance(m, L.SUPPORTED)})
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in logical_modules(model) if isinstance(m, L.supported_types())})
         raise TargetError(
             f"targets={targets!r}{f' (exclude={exclude!r})' if exclude else ''} matched no module of "
             f"{type(model).__name__}. Supported modules here end in: {', '.join(leaves[:20])}."

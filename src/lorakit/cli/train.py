@@ -98,7 +98,13 @@ def train(
     r: Annotated[int | None, Opt(help="Adapter rank (methods with an r option).")] = None,
     alpha: Annotated[float | None, Opt(help="Adapter alpha (methods with an alpha option).")] = None,
     dropout: Annotated[float | None, Opt(help="Adapter dropout (methods with a dropout option).")] = None,
-    opt: Annotated[list[str] | None, Opt(help="Other method option NAME=VALUE (repeatable), e.g. rslora=true.")] = None,
+    opt: Annotated[
+        list[str] | None,
+        Opt(
+            help="Other method option NAME=VALUE (repeatable), e.g. rslora=true, or init=pissa for an init "
+            "(`lorakit info` lists them) with init_options='{niter: 4}'."
+        ),
+    ] = None,
     targets: Annotated[
         str | None, Opt(help="'all-linear', comma-separated suffixes, or a regex (default all-linear).")
     ] = None,
@@ -134,7 +140,7 @@ def train(
     threads: Annotated[int | None, Opt(help="torch CPU threads (default: torch's choice).")] = None,
     init_batches: Annotated[
         int | None,
-        Opt(help="Training batches fed to a data-driven init (lora_ga, eva, ...) (default 8 where one needs data)."),
+        Opt(help="Training batches fed to a data-driven init (--opt init=lora_ga, eva, ...; default 8 where needed)."),
     ] = None,
 ) -> None:
     """Train an adapter of any registered method on a built-in task or a JSONL file, evaluate it before and after."""

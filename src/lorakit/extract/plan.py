@@ -113,7 +113,7 @@ def skeleton_layout(b: Checkpoint) -> Layout:
     from lorakit.inject import logical_modules
 
     model: Any = skeleton(b)
-    kinds = {n: L.layer_kind(m) for n, m in logical_modules(model) if n and isinstance(m, L.SUPPORTED)}
+    kinds = {n: L.layer_kind(m) for n, m in logical_modules(model) if n and isinstance(m, L.supported_types())}
     names = {id(m): n for n, m in model.named_modules()}
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     head_name = names.get(id(head)) if head is not None else None

@@ -22,7 +22,10 @@ for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-SUPPORTED: tuple[type[nn.Module], ...] = tuple(t for k in KINDS.values() for t in k.types)
+
+def supported_types() -> tuple[type[nn.Module], ...]:
+    """The module classes some registered kind reads."""
+    return tuple(t for k in KINDS.values() for t in k.types)
 
 
 def _kind(base: nn.Module, name: str = "") -> type[LayerKind]:
@@ -38,8 +41,9 @@ def _kind(base: nn.Module, name: str = "") -> type[LayerKind]:
 
 
 def layer_kind(base: nn.Module, name: str = "") -> str:
-    """The kind's name ('linear', 'conv1d', 'embedding', ...); an unsupported type is a TargetError naming it."""
-    return _kind(base, name).name
+    """The layer's family ('linear', 'conv1d', 'embedding'), which methods declare they wrap; an unsupported
+    type is a TargetError naming it."""
+    return _kind(base, name).family
 
 
 def dims(base: nn.Module) -> tuple[int, int]:
@@ -79,5 +83,5 @@ def subtract(base: nn.Module, shift: LoraFactors) -> None:
         weight.copy_((weight.float() - to_base_layout(base, delta)).to(weight.dtype))
 
 
-__all__ = ["KINDS", "SUPPORTED", "LayerKind", "base_bias", "base_linear", "dims", "kind_of", "layer_kind"]
-__all__ += ["project_in", "register_kind", "subtract", "to_base_layout", "weight_out_in"]
+__all__ = ["KINDS", "LayerKind", "base_bias", "base_linear", "dims", "kind_of", "layer_kind"]
+__all__ += ["project_in", "register_kind", "subtract", "supported_types", "to_base_layout", "weight_out_in"]

@@ -18,7 +18,10 @@ class LayerKind(Protocol):
     """How adapters read one type of base layer (all tensors in the layer's device and dtype)."""
 
     name: ClassVar[str]
-    """The kind's name, as methods list it in ``@register(layers=...)``: 'linear', 'conv1d', ..."""
+    """The kind's own name: 'linear', 'conv1d', 'embedding', ... (one per registered kind)."""
+    family: ClassVar[str]
+    """The layer kind methods list in ``@register(layers=...)``: a quantized or re-laid-out Linear is in the
+    'linear' family, so every method that wraps Linear layers wraps it too, through this kind's readers."""
     types: ClassVar[tuple[type[nn.Module], ...]]
     """The module classes of this kind (subclasses match too)."""
 

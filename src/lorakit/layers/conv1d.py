@@ -13,6 +13,7 @@ from lorakit.layers._api import register_kind
 @register_kind
 class Conv1D:
     name = "conv1d"
+    family = "conv1d"
     types = (HFConv1D,)
 
     @staticmethod

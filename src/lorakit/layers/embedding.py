@@ -12,6 +12,7 @@ from lorakit.layers._api import register_kind
 @register_kind
 class Embedding:
     name = "embedding"
+    family = "embedding"
     types = (nn.Embedding,)
 
     @staticmethod

@@ -12,6 +12,7 @@ from lorakit.layers._api import register_kind
 @register_kind
 class Linear:
     name = "linear"
+    family = "linear"
     types = (nn.Linear,)
 
     @staticmethod
