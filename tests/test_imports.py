@@ -63,8 +63,8 @@ def import_graph(src: Path = SRC) -> dict[str, set[str]]:
     files = {module_name(p, src): p for p in sorted(src.rglob("*.py"))}
     known = set(files)
     graph = {m: _imports(ast.parse(p.read_text()), m, p.name == "__init__.py", known) for m, p in files.items()}
-    for m, p in files.items():  # a registry folder imports every file below it (pkgutil.walk/iter_modules)
-        if p.name == "__init__.py" and ("_packages(__path__" in p.read_text() or "_modules(__path__" in p.read_text()):
+    for m, p in files.items():  # a registry folder imports every file below it (lorakit.registry.import_entries)
+        if p.name == "__init__.py" and "import_entries(__name__, __path__" in p.read_text():
             graph[m] |= {k for k in known if k.startswith(m + ".") and not k.rsplit(".", 1)[-1].startswith("_")}
     return graph
 

@@ -13,7 +13,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -33,6 +33,10 @@ DEFAULT_OUT = Path("runs/demo")
 # Measured on a 2-core machine shared with other jobs: 2 OpenMP threads made a training step 5-10x
 # slower than 1 (spinning threads wait on each other); on an idle machine 2 threads are ~1.7x faster.
 THREADS_HELP = "torch CPU threads. 1 is the robust choice on a small shared CPU; raise it on an idle multi-core box."
+
+
+if TYPE_CHECKING:
+    from lorakit.methods._api import AdapterModule
 
 
 @torch.no_grad()
@@ -75,7 +79,7 @@ def _delta_norms(model: nn.Module) -> dict[str, float]:
     with torch.no_grad():
         for name, wrapper in wrappers(model):
             if wrapper.active is not None:
-                adapter: Any = wrapper.adapters[wrapper.active]
+                adapter: AdapterModule = wrapper.adapters[wrapper.active]  # type: ignore[assignment]
                 norms[name] = float(adapter.delta_weight(wrapper.base_layer).norm())
     return norms
 

@@ -6,14 +6,10 @@ import lorakit as lk
 lk.merge_adapters(["a", "b"], method="ties", weights=[1, 0.5], out="merged", density=0.5, rank=16)
 """
 
-import importlib
-import pkgutil
-
 from lorakit.compose._api import MERGE_METHODS, MergeSpec, get_merge_method, merge_method
+from lorakit.registry import import_entries
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_entries(__name__, __path__)
 
 from lorakit.compose.into_base import merge_into_base  # noqa: E402
 from lorakit.compose.merge import merge_adapters, merge_module  # noqa: E402

@@ -17,7 +17,6 @@ parameter named ``generator`` receives the merge's seeded ``torch.Generator`` in
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.lowrank import LoraFactors, factor_svd
+from lorakit.registry import get_entry
 
 RankRule = Literal["sum", "max"]
 
@@ -68,11 +68,7 @@ def merge_method(
 
 def get_merge_method(name: str) -> MergeSpec:
     """The registered merge method ``name``; an unknown name gets close suggestions."""
-    if name not in MERGE_METHODS:
-        close = difflib.get_close_matches(name, MERGE_METHODS, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"unknown merge method {name!r}.{hint} Available: {', '.join(sorted(MERGE_METHODS))}.")
-    return MERGE_METHODS[name]
+    return get_entry(MERGE_METHODS, "merge method", name)
 
 
 def check_options(spec: MergeSpec, opts: dict[str, Any]) -> dict[str, Any]:

@@ -5,13 +5,9 @@ calibration helpers of the inits that read data. Inits that change the parametri
 core, LoLDU, DoTA, Comp-LoRA and SaLoRA's projections) are methods, in ``lorakit/methods``.
 """
 
-import importlib
-import pkgutil
-
 from lorakit.init._api import BUILTIN, INITS, InitContext, InitFactors, InitSpec, InitTarget, get_init, register_init
+from lorakit.registry import import_entries
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_entries(__name__, __path__)
 
 __all__ = ["BUILTIN", "INITS", "InitContext", "InitFactors", "InitSpec", "InitTarget", "get_init", "register_init"]

@@ -12,7 +12,6 @@ W_res = W − s·B·A). Core applies the result to any method whose adapter expo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.registry import add_entry, check_options, unknown_entry
 
 BUILTIN = ("default", "gaussian")  # random inits every A/B method does itself (PEFT's True and "gaussian")
 
@@ -98,14 +98,13 @@ def register_init(
     """
 
     def wrap(fn: Callable[[InitContext, Any], dict[str, InitFactors]]) -> Callable[[InitContext, Any], Any]:
-        if name in INITS and INITS[name].fn is not fn:
-            raise ValueError(f"init {name!r} is registered twice")
         if not (dataclasses.is_dataclass(options) and options.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise TypeError(f"init {name!r}: its options {options.__name__} must be a frozen dataclass")
         fields = peft or (lambda _: {"init_lora_weights": name})
-        INITS[name] = InitSpec(
+        spec = InitSpec(
             name, fn, options, methods, layers, calibration, shifts_base, identity_at_init, paper, url, fields
         )
+        add_entry(INITS, "init", name, spec, same=name in INITS and INITS[name].fn is fn)
         return fn
 
     return wrap
@@ -113,10 +112,7 @@ def register_init(
 
 def get_init(name: str) -> InitSpec:
     if name not in INITS:
-        known = [*BUILTIN, *sorted(INITS)]
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"unknown init {name!r}.{hint} Inits: {', '.join(known)}.")
+        raise unknown_entry(INITS, "init", name, known=[*BUILTIN, *sorted(INITS)])
     return INITS[name]
 
 
@@ -128,13 +124,7 @@ def init_options(init: str, options: Mapping[str, Any] | None) -> Any:
             raise ConfigError(f"init {init!r} takes no init_options, got {sorted(opts)}.")
         return None
     spec = get_init(init)
-    valid = {f.name for f in dataclasses.fields(spec.options)}
-    unknown = sorted(set(opts) - valid)
-    if unknown:
-        raise ConfigError(
-            f"init {init!r} has no option(s) {', '.join(unknown)}; "
-            f"valid init_options: {', '.join(sorted(valid)) or 'none'}."
-        )
+    check_options((f.name for f in dataclasses.fields(spec.options)), opts, f"init {init!r}", "init_options")
     return spec.options(**opts)
 
 

@@ -356,7 +356,7 @@ def _expected(model: nn.Module, name: str) -> dict[str, tuple[Any, str, torch.Te
     expected: dict[str, tuple[Any, str, torch.Tensor]] = {}
     for module_name, wrapper in wrappers(model):
         if name in wrapper.adapters:
-            adapter: Any = wrapper.adapters[name]
+            adapter: AdapterModule = wrapper.adapters[name]  # type: ignore[assignment]
             for suffix, t in adapter.export_state().items():
                 expected[f"{PREFIX}{module_name}.{suffix}"] = (adapter, suffix, t)
     for module_name, holder in saved_modules(model):

@@ -31,7 +31,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import torch
@@ -44,6 +44,10 @@ from lorakit.io.collection import Collection, check_names, is_collection
 from lorakit.io.factors import AdapterFactors, read_factors, write_factors
 from lorakit.io.peft_format import adapter_method, is_plain_lora, lora_scale, pattern_value
 from lorakit.lowrank import LoraFactors, truncate
+
+if TYPE_CHECKING:
+    from lorakit.methods._api import AdapterModule
+
 
 FORMATS = ("vllm",)
 MANIFEST = "lorakit-export.json"
@@ -192,7 +196,7 @@ def _convert(path: Path, fields: dict[str, Any], model: nn.Module, rank: int | N
         factors, kinds = {}, {}
         for module, wrapper in wrappers(model):
             if name in wrapper.adapters:
-                adapter: Any = wrapper.adapters[name]
+                adapter: AdapterModule = wrapper.adapters[name]  # type: ignore[assignment]
                 try:
                     with torch.no_grad():
                         f = adapter.to_lora(wrapper.base_layer, rank)

@@ -8,19 +8,15 @@ functions below, which dispatch on the layer's kind; importing this package regi
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import torch
 from torch import nn
 
 from lorakit.errors import TargetError
 from lorakit.layers._api import KINDS, LayerKind, kind_of, register_kind
 from lorakit.lowrank import LoraFactors
+from lorakit.registry import import_entries
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_entries(__name__, __path__)
 
 
 def supported_types() -> tuple[type[nn.Module], ...]:

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 from torch import nn
 
+from lorakit.registry import add_entry
+
 
 class LayerKind(Protocol):
     """How adapters read one type of base layer (all tensors in the layer's device and dtype)."""
@@ -64,9 +66,7 @@ K = TypeVar("K", bound=type)
 def register_kind(cls: K) -> K:
     """Class decorator that adds a base-layer kind to :data:`KINDS` under ``cls.name``."""
     kind: Any = cls  # a class with the protocol's static methods
-    if kind.name in KINDS and KINDS[kind.name] is not kind:
-        raise ValueError(f"layer kind {kind.name!r} is registered twice ({KINDS[kind.name]} and {kind})")
-    KINDS[kind.name] = kind
+    add_entry(KINDS, "layer kind", kind.name, kind, same=KINDS.get(kind.name) is kind)
     _BY_TYPE.clear()
     return cls
 

@@ -9,16 +9,13 @@ Importing this package imports every file below it (``_``-prefixed ones are help
 every method; ``_api.py`` declares the contract.
 """
 
-import importlib
-import pkgutil
 import sys
 import types
 
 from lorakit.methods._api import REGISTRY, LoraFactors, MethodSpec, get_spec, method_config, register
+from lorakit.registry import import_entries
 
-for _info in pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
-    if not _info.name.rsplit(".", 1)[-1].startswith("_"):
-        importlib.import_module(_info.name)
+import_entries(__name__, __path__, recursive=True)
 
 
 class _MethodsPackage(types.ModuleType):

@@ -10,7 +10,6 @@ hook directly. The config is a frozen, keyword-only dataclass validated in ``__p
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,6 +19,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.lowrank import LoraFactors
+from lorakit.registry import add_entry, check_options, get_entry
 
 ALL_LAYERS = ("linear", "conv1d", "embedding")
 
@@ -115,7 +115,7 @@ class AdapterModule(nn.Module):
         return {name: cls.from_base(base, cfgs[name]) for name, base in bases.items()}
 
     @classmethod
-    def initialize(cls, model: nn.Module, adapters: dict[str, nn.Module], cfg: Any, batches: Any) -> None:
+    def initialize(cls, model: nn.Module, adapters: dict[str, AdapterModule], cfg: Any, batches: Any) -> None:
         """A method's own data- or weight-aware init, run once by ``attach`` after every new adapter is in
         place and active (``batches``: the calibration batches or None; ``calibration=True`` requires them)."""
 
@@ -211,36 +211,26 @@ def register(
     def wrap(cls: type[AdapterModule]) -> type[AdapterModule]:
         if not issubclass(cls, AdapterModule):
             raise TypeError(f"method {name!r}: {cls.__name__} must subclass lorakit.methods._api.AdapterModule")
-        if name in REGISTRY and REGISTRY[name].adapter is not cls:
-            raise ValueError(f"method {name!r} is registered twice ({REGISTRY[name].adapter} and {cls})")
         if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise TypeError(f"method {name!r}: its config {config.__name__} must be a frozen dataclass")
         cls.method_name = name
-        REGISTRY[name] = MethodSpec(
+        spec = MethodSpec(
             name, cls, config, paper, url, identity_at_init, mergeable, family, params, tuple(layers), calibration
         )
+        add_entry(REGISTRY, "method", name, spec, same=name in REGISTRY and REGISTRY[name].adapter is cls)
         return cls
 
     return wrap
 
 
 def get_spec(name: str) -> MethodSpec:
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(name, REGISTRY, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"unknown method {name!r}.{hint} Registered methods: {', '.join(sorted(REGISTRY))}.")
-    return REGISTRY[name]
+    return get_entry(REGISTRY, "method", name)
 
 
 def method_config(name: str, **opts: Any) -> Any:
     """Build the config of method ``name``; unknown options get an error listing the valid ones."""
     spec = get_spec(name)
-    fields = {f.name for f in dataclasses.fields(spec.config)}
-    unknown = sorted(set(opts) - fields)
-    if unknown:
-        raise ConfigError(
-            f"method {name!r} has no option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(fields))}."
-        )
+    check_options((f.name for f in dataclasses.fields(spec.config)), opts, f"method {name!r}")
     return spec.config(**opts)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ from lorakit.io.factors import AdapterFactors, read_factors
 from lorakit.io.peft_format import check_base_norms, is_plain_lora
 from lorakit.serve.plan import CompressedSet
 from lorakit.serve.slots import Factors
+
+if TYPE_CHECKING:
+    from lorakit.methods._api import AdapterModule
+
 
 CONVERT_NAME = "_lorakit_serve_convert"
 
@@ -80,7 +84,7 @@ def _convert(model: nn.Module, path: Path) -> AdapterFactors:
         factors, kinds = {}, {}
         for name, wrapper in wrappers(model):
             if CONVERT_NAME in wrapper.adapters:
-                adapter: Any = wrapper.adapters[CONVERT_NAME]
+                adapter: AdapterModule = wrapper.adapters[CONVERT_NAME]  # type: ignore[assignment]
                 factors[name] = adapter.to_lora(wrapper.base_layer)
                 kinds[name] = layer_kind(wrapper.base_layer)
         saved: dict[str, dict[str, torch.Tensor]] = {n: {} for n, h in saved_modules(model) if CONVERT_NAME in h.copies}

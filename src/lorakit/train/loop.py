@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lorakit.errors import ConfigError
 from lorakit.inject import adapter_names
 from lorakit.io.atomic import atomic_write_bytes
-from lorakit.train._registry import unknown_entry
+from lorakit.registry import unknown_entry
 from lorakit.train.callbacks import TrainState, build_callbacks, check_callbacks
 from lorakit.train.data import Record, collate
 from lorakit.train.loss import training_loss

@@ -94,7 +94,7 @@ class Loldu(AdapterModule):
         return cls(cfg, PL.to(dtype), D.to(dtype), U.to(dtype), L.layer_kind(base))
 
     @classmethod
-    def initialize(cls, model: nn.Module, adapters: dict[str, nn.Module], cfg: LolduConfig, batches: Any) -> None:
+    def initialize(cls, model: nn.Module, adapters: dict[str, AdapterModule], cfg: LolduConfig, batches: Any) -> None:
         """W ← W − σ₀·P·L_r·D_r·U_r on every wrapped base layer, once all adapters are built."""
         for name, adapter in adapters.items():
             assert isinstance(adapter, Loldu)

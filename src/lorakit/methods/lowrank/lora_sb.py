@@ -89,7 +89,7 @@ class LoraSB(AdapterModule):
 
     @classmethod
     def initialize(
-        cls, model: nn.Module, adapters: dict[str, nn.Module], cfg: LoraSBConfig, batches: list[dict] | None
+        cls, model: nn.Module, adapters: dict[str, AdapterModule], cfg: LoraSBConfig, batches: list[dict] | None
     ) -> None:
         """G per targeted module from the calibration batches, then B, R, A from ΔW₁ (:meth:`set_from_gradient`)."""
         mine = {name: a for name, a in adapters.items() if isinstance(a, LoraSB)}

@@ -23,7 +23,7 @@ from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.init._calib import as_batches, base_layer, input_activations
 from lorakit.lowrank import principal
-from lorakit.methods._api import LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 from lorakit.methods.lowrank.lora import Lora, LoraConfig
 
 
@@ -90,7 +90,7 @@ class Salora(Lora):
         return adapter
 
     @classmethod
-    def initialize(cls, model: nn.Module, adapters: dict[str, nn.Module], cfg: SaloraConfig, batches: Any) -> None:
+    def initialize(cls, model: nn.Module, adapters: dict[str, AdapterModule], cfg: SaloraConfig, batches: Any) -> None:
         """U_C from the safety features of every layer (one pass over the base), then A₀, B₀ and W ← W_res."""
         batches = as_batches(batches, need_labels=False, min_rows=cfg.safety_rank, where="salora")
         names = list(adapters)

@@ -1,9 +1,7 @@
 """Training callbacks, one per file, registered by ``@register_callback``; importing this package
 imports every file here, so a new callback edits no other file."""
 
-import importlib
-import pkgutil
-
+from lorakit.registry import import_entries
 from lorakit.train.callbacks._api import (
     CALLBACKS,
     Callback,
@@ -16,9 +14,7 @@ from lorakit.train.callbacks._api import (
     register_callback,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_entries(__name__, __path__)
 
 __all__ = [
     "CALLBACKS",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit.train._registry import add_entry, get_entry
+from lorakit.registry import add_entry, get_entry
 
 if TYPE_CHECKING:
     from lorakit.train.loop import TrainConfig

@@ -1,9 +1,7 @@
 """Optimizers, one per file, registered by ``@register_optimizer``; importing this package imports
 every file here, so a new optimizer edits no other file."""
 
-import importlib
-import pkgutil
-
+from lorakit.registry import import_entries
 from lorakit.train.optimizers._api import (
     OPTIMIZERS,
     OptimizerSpec,
@@ -13,8 +11,6 @@ from lorakit.train.optimizers._api import (
     register_optimizer,
 )
 
-for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+import_entries(__name__, __path__)
 
 __all__ = ["OPTIMIZERS", "OptimizerSpec", "active_adapters", "build_optimizer", "optimizer_names", "register_optimizer"]

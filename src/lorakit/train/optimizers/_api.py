@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.inject import wrappers
 from lorakit.methods._api import AdapterModule
-from lorakit.train._registry import add_entry, get_entry
+from lorakit.registry import add_entry, get_entry
 
 if TYPE_CHECKING:
     from lorakit.train.loop import TrainConfig
