@@ -9,6 +9,7 @@ hook directly. The config is a frozen, keyword-only dataclass validated in ``__p
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from lorakit.registry import add_entry, check_options, get_entry
 ALL_LAYERS = ("linear", "conv1d", "embedding")
 
 
-class AdapterModule(nn.Module):
+class AdapterModule(nn.Module, metaclass=abc.ABCMeta):
     """One adapter of one method on one base layer (the container owns the base layer): the contract.
 
     Required of every method (no default):
@@ -54,17 +55,17 @@ class AdapterModule(nn.Module):
     """Set by Core when an init option moved s·B₀·A₀ out of the base weight (the default ``base_shift``)."""
 
     @classmethod
+    @abc.abstractmethod
     def from_base(cls, base: nn.Module, cfg: Any) -> AdapterModule:
         """Build the adapter for the wrapped layer ``base``, read only through ``lorakit.layers``."""
-        raise NotImplementedError(f"{cls.__name__} must define from_base(base, cfg)")
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         """The adapted output, given the layer input ``x``, the base layer and its output ``y``."""
-        raise NotImplementedError(f"{type(self).__name__} must define forward(x, base, y)")
 
+    @abc.abstractmethod
     def export_state(self) -> dict[str, torch.Tensor]:
         """``{PEFT-style per-module suffix: tensor}`` (``lora_A.weight``, ...): what a saved dir holds."""
-        raise NotImplementedError(f"{type(self).__name__} must define export_state()")
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """ΔW in the base layer's own weight layout, so that merged weight = W + ΔW (mergeable methods)."""
@@ -211,6 +212,9 @@ def register(
     def wrap(cls: type[AdapterModule]) -> type[AdapterModule]:
         if not issubclass(cls, AdapterModule):
             raise TypeError(f"method {name!r}: {cls.__name__} must subclass lorakit.methods._api.AdapterModule")
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))  # ABCMeta's own record of undefined hooks
+        if missing:
+            raise TypeError(f"method {name!r}: {cls.__name__} must define the required hook(s) {', '.join(missing)}")
         if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):  # type: ignore[attr-defined]
             raise TypeError(f"method {name!r}: its config {config.__name__} must be a frozen dataclass")
         cls.method_name = name
