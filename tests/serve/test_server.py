@@ -31,6 +31,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 PROMPT = "Hello, tiny world"
+JSON = {"Content-Type": "application/json"}
 
 
 def char_tokenizer():
@@ -312,7 +313,7 @@ BAD = [  # (endpoint, body, the field the error names)
 @pytest.mark.parametrize(("endpoint", "body", "param"), BAD)
 def test_bad_requests_are_400s_that_name_the_field(live, endpoint, body, param):
     _, url = live
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": JSON} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(f"{url}/v1/{endpoint}", timeout=TIMEOUT, **kw)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -357,31 +358,37 @@ def test_api_key(world):
 
 
 def test_a_full_queue_is_429_and_waiting_requests_still_finish(world):
-    engine = world.engine()
+    """--max-queue counts the requests waiting beyond what the running batch can take (max_batch 1 here)."""
+    engine = world.engine(max_batch=1)
     with serving(engine, max_queue=1) as url:
         engine.stop()  # pause the scheduler: requests wait in the queue
         waiting: dict = {}
         body = {"model": "b", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
-        thread = threading.Thread(
-            target=lambda: waiting.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT))
-        )
-        thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while engine.queue_depth() < 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+
+        def send(key):
+            waiting[key] = httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(2)]  # one for the batch, one waits
+        for thread in threads:
+            thread.start()
+            deadline = time.monotonic() + TIMEOUT
+            while engine.queue_depth() < len(waiting) + threads.index(thread) + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as info:
             client(url).completions.create(model="a", prompt=PROMPT, max_tokens=2)
         assert info.value.body["code"] == "queue_full" and "--max-queue 1" in info.value.body["message"]
-        two = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "n": 2}, timeout=TIMEOUT)
-        assert two.status_code == 400 and "queues at most 1" in two.json()["error"]["message"]
+        three = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "n": 3}, timeout=TIMEOUT)
+        assert three.status_code == 400 and "at most 2 at once" in three.json()["error"]["message"]
         engine.start()
-        thread.join(TIMEOUT)
-        assert waiting["r"].status_code == 200
-        assert waiting["r"].json()["choices"][0]["text"] == engine.generate([PROMPT], ["b"], 6)[0].text
+        for thread in threads:
+            thread.join(TIMEOUT)
+        want = engine.generate([PROMPT], ["b"], 6)[0].text
+        assert [waiting[k].status_code for k in range(2)] == [200, 200]
+        assert all(waiting[k].json()["choices"][0]["text"] == want for k in range(2))
         values = metric_values(url)
         assert values[("lorakit_requests_total", (("adapter", "a"), ("status", "429")))] == 1
-        assert values[("lorakit_requests_total", (("adapter", "b"), ("status", "200")))] == 1
+        assert values[("lorakit_requests_total", (("adapter", "b"), ("status", "200")))] == 2
 
 
 def test_a_failed_generation_is_a_500_with_the_engines_message(world, monkeypatch):
@@ -409,7 +416,7 @@ def test_metrics_count_requests_tokens_and_slots(live):
     before = metric_values(url)
     made = [client(url).completions.create(model=m, prompt=PROMPT, max_tokens=5, temperature=0) for m in "abca"]
     httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=TIMEOUT)
-    httpx.post(f"{url}/v1/completions", content=b"{", timeout=TIMEOUT)
+    httpx.post(f"{url}/v1/completions", content=b"{", headers=JSON, timeout=TIMEOUT)
     after = metric_values(url)
 
     def delta(name, **labels):
@@ -466,7 +473,7 @@ def test_cli_serve_registers_the_adapter_dirs(world, tmp_path, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     assert seen["resident"] == ["b", "c"]  # --preload: in slots before the first request
-    assert (seen["host"], seen["port"], seen["models"]) == ("0.0.0.0", 9123, [str(ckpt), "a", "b", "c", "ca", "cb"])
+    assert (seen["host"], seen["port"], seen["models"]) == ("0.0.0.0", 9123, ["tiny", "a", "b", "c", "ca", "cb"])
     assert seen["text"] == seen["want"] and seen["delete"] == 409  # a compressed adapter is served, kept whole
     assert "warning" in result.output and "no --api-key" in result.output and "skipped bad name" in result.output
     assert sorted(json.loads((root / ".lorakit-serve" / "registry.json").read_text())) == ["a", "b", "c"]

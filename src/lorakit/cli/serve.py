@@ -34,9 +34,15 @@ def serve(
         str | None, Opt(envvar="LORAKIT_API_KEY", help="Require `Authorization: Bearer KEY` (or $LORAKIT_API_KEY).")
     ] = None,
     max_slots: Annotated[int, Opt(min=1, help="Adapters usable in one batch (more wait in RAM).")] = 32,
-    max_queue: Annotated[int, Opt(min=0, help="Waiting requests before new ones get 429.")] = 256,
+    max_queue: Annotated[
+        int, Opt(min=0, help="Requests that may wait beyond what the running batch can take; more get 429.")
+    ] = 256,
     max_batch: Annotated[int, Opt(min=1, help="Requests decoded together.")] = 64,
     max_prompt_tokens: Annotated[int | None, Opt(min=1, help="Longest prompt accepted (default: the model's).")] = None,
+    max_prompt_chars: Annotated[
+        int | None, Opt(min=1, help="Longest prompt in characters, refused before tokenizing (default: 16/token).")
+    ] = None,
+    max_body_bytes: Annotated[int, Opt(min=1, help="Largest request body; larger ones get 413.")] = 8 * 2**20,
     collection: Annotated[
         list[Path] | None, Opt(help="A compressed collection (`lorakit compress`) to serve too; repeatable.")
     ] = None,
@@ -78,7 +84,8 @@ def serve(
         api_key=api_key,
         max_queue=max_queue,
         max_prompt_tokens=max_prompt_tokens,
-        base_name=base,
+        max_prompt_chars=max_prompt_chars,
+        max_body_bytes=max_body_bytes,
         adapters_dir=adapters,
         allow_any_path=allow_any_path,
     )

@@ -290,7 +290,12 @@ class Engine:
         self.scheduler.stop()
 
     def queue_depth(self) -> int:
+        """Requests waiting for the running batch to take them."""
         return len(self.scheduler.waiting)
+
+    def free_rows(self) -> int:
+        """Rows the running batch has free now: that many waiting requests join it at the next step."""
+        return max(self.scheduler.max_batch - len(self.scheduler.running), 0)
 
     @property
     def running(self) -> list[Request]:

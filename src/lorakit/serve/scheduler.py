@@ -66,8 +66,15 @@ class Scheduler:
         return req
 
     def cancel(self, req: Request) -> None:
+        """Stop ``req``: a waiting one leaves the queue now (its place is free at once), a running one at the
+        next step; either finishes with reason "cancelled"."""
         req.cancelled = True
         with self.wake:
+            for i, waiting in enumerate(self.waiting):
+                if waiting is req:
+                    del self.waiting[i]
+                    self._finish(req, "cancelled", None, bound=False)
+                    break
             self.wake.notify()
 
     def step(self) -> None:

@@ -11,14 +11,19 @@ events in OpenAI's chunk format ending with ``data: [DONE]``; ``GET /v1/models``
 /v1/adapters`` ``{"name", "path"}``; ``DELETE /v1/adapters/{name}``; ``GET /health``; ``GET
 /metrics`` (Prometheus text, ``serve/metrics.py``). Errors have OpenAI's shape (``serve/wire.py``):
 400 bad JSON or a bad field (named in ``param``), 401 a missing or wrong API key, 403 an adapter
-path outside the adapters dir, 404 an unknown model or adapter, 409 a name already taken, 429 the
-queue is full, 500 a failed generation (with the engine's message). A bad request never stops
-the server.
+path outside the adapters dir, 404 an unknown model or adapter, 409 a name already taken, 413 a
+body over ``max_body_bytes``, 415 a body not sent as ``application/json``, 429 more requests
+waiting than ``max_queue`` beyond what the running batch can take, 500 a failed generation (with
+the engine's message). A bad request never stops the server, and no answer carries Python's
+exception text or the server's folders (``serve/guard.py``).
 
-The engine decodes in its own thread (the app's lifespan starts and stops it). Each engine request
-gets callbacks that put ``(choice, piece)`` for every final piece of text, then ``(choice, None)``
-for "done", on its HTTP request's asyncio queue through ``loop.call_soon_threadsafe``; handlers
-await that queue, so the event loop never blocks on generation.
+The engine decodes in its own thread (the app's lifespan starts and stops it). Parsing, chat
+templating and tokenizing run on a small thread pool (``prep_workers``), so a large prompt never
+stalls the event loop (``/health`` answers meanwhile). Each engine request gets callbacks that put
+``(choice, piece)`` for every final piece of text, then ``(choice, None)`` for "done", on its HTTP
+request's asyncio queue through ``loop.call_soon_threadsafe``; handlers await that queue, so the
+event loop never blocks on generation. A client that hangs up cancels its requests, streamed or
+not (counted as status 499): their batch rows and queue places are freed at once.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +48,22 @@ from lorakit.errors import ConfigError, LorakitError
 from lorakit.io.adapter import CONFIG_NAME
 from lorakit.serve.cache import check_name
 from lorakit.serve.engine import Engine
+from lorakit.serve.guard import check_path_text, client_gone, offload, read_json, redact
 from lorakit.serve.metrics import ServerMetrics
+from lorakit.serve.prompts import Prepared, Prompts
 from lorakit.serve.requests import Request
 from lorakit.serve.wire import (
     MAX_CHOICES,
     ApiError,
     Job,
-    completion_prompts,
-    json_body,
-    messages,
     refuse_unsupported,
-    sampling,
     sse,
 )
 
 BASE_ALIASES = ("", "base")
 LIST_HINT = "GET /v1/models lists the served models; POST /v1/adapters registers one."
-DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's
-DEFAULT_CHAT_MAX_TOKENS = 512  # /v1/chat/completions: at most this, and what the context leaves
+DEFAULT_MAX_BODY = 8 * 2**20  # bytes of one request body
+log = logging.getLogger("lorakit.serve")
 
 
 class _DoneEvent(threading.Event):
@@ -86,16 +91,26 @@ class _Server:
         base_name: str,
         adapters_dir: Path | None,
         allow_any_path: bool,
+        max_body_bytes: int,
+        max_prompt_chars: int | None,
+        prep_workers: int,
     ):
         self.engine, self.api_key, self.max_queue = engine, api_key, max_queue
-        self.max_prompt_tokens, self.base_name = max_prompt_tokens, base_name
+        self.base_name, self.base_names = base_name, {*BASE_ALIASES, base_name, engine.base_name}
         self.adapters_dir, self.allow_any_path = adapters_dir, allow_any_path
-        config = getattr(engine.model, "config", None)
-        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
-        self.vocab: int = getattr(config, "vocab_size", None) or 2**63
+        self.prompts = Prompts(engine, max_prompt_tokens, max_prompt_chars)
+        self.max_body = max_body_bytes
+        self.pool = ThreadPoolExecutor(max_workers=prep_workers, thread_name_prefix="lorakit-prep")
+        self.roots = {adapters_dir: "<adapters>"} if adapters_dir is not None else {}
+        if Path(engine.base_name).is_dir():
+            self.roots[Path(engine.base_name).resolve()] = "<base>"
         self.metrics = ServerMetrics(engine)
         self.adapter_lock = asyncio.Lock()
         self.created = int(time.time())
+
+    def public(self, text: str) -> str:
+        """``text`` without the server's own folders (the adapters dir and a local base dir)."""
+        return redact(text, self.roots)
 
     def auth(self, request: HttpRequest) -> None:
         if self.api_key is None:
@@ -116,7 +131,7 @@ class _Server:
         return ApiError(404, msg, param="model", code="model_not_found")
 
     def adapter_of(self, model: Any) -> str | None:
-        if model is None or model in BASE_ALIASES or model == self.base_name:
+        if model is None or model in self.base_names:
             return None
         if not isinstance(model, str):
             raise ApiError(400, f"model must be a string (an adapter name or 'base'), got {model!r}.", param="model")
@@ -124,53 +139,20 @@ class _Server:
             raise self.unknown_model(model)
         return model
 
-    # ---- prompts ----
-
-    def chat_prompt(self, turns: Any) -> list[int]:
-        turns = messages(turns)
-        tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            msg = "this model's tokenizer has no chat template; use /v1/completions with a prompt."
-            raise ApiError(400, msg, param="messages")
-        try:
-            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # noqa: BLE001 - a template that cannot render these turns (jinja raises its own)
-            raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
-        return list(tok(text, add_special_tokens=False)["input_ids"])
-
-    def check_length(self, n: int, max_tokens: int, param: str) -> None:
-        if n == 0:
-            raise ApiError(400, "the prompt is empty; send at least one token.", param=param)
-        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
-            msg = (
-                f"the prompt has {n} tokens; this server takes at most {self.max_prompt_tokens} (--max-prompt-tokens)."
-            )
-            raise ApiError(400, msg, param=param, code="context_length_exceeded")
-        if self.max_positions is not None and n + max_tokens > self.max_positions:
-            msg = (
-                f"the prompt has {n} tokens and max_tokens is {max_tokens}, but the model reads at most "
-                f"{self.max_positions} positions; shorten the prompt or lower max_tokens."
-            )
-            where = param if n >= self.max_positions else "max_tokens"
-            raise ApiError(400, msg, param=where, code="context_length_exceeded")
-
     # ---- generation ----
 
-    def submit(self, body: dict[str, Any], *, chat: bool) -> Job:
-        """Check ``body`` and queue its requests on the engine, one per choice (429 when the queue is full)."""
+    def prepare(self, body: dict[str, Any], chat: bool) -> Prepared:
+        """Check ``body`` and tokenize its prompts (CPU work: the server runs it on its thread pool)."""
         refuse_unsupported(body)
+        self.adapter_of(body.get("model"))
+        return self.prompts.prepare(body, chat)
+
+    def submit(self, body: dict[str, Any], prepared: Prepared, *, chat: bool) -> Job:
+        """Queue the requests of ``body`` (``prepared`` by :meth:`prepare`) on the engine, one per choice
+        (429 when the queue is full)."""
+        prompts, opts = prepared
         model = body.get("model")
-        adapter = self.adapter_of(model)
-        prompts = (
-            [(self.chat_prompt(body.get("messages")), "messages")]
-            if chat
-            else completion_prompts(body.get("prompt"), self.engine.encode, self.vocab)
-        )
-        room = (self.max_positions or 2**31) - max(len(ids) for ids, _ in prompts)
-        default = max(1, min(DEFAULT_CHAT_MAX_TOKENS, room)) if chat else DEFAULT_MAX_TOKENS
-        opts = sampling(body, chat=chat, default_max_tokens=default)
-        for ids, param in prompts:
-            self.check_length(len(ids), opts.max_tokens, param)
+        adapter = self.adapter_of(model)  # again: it may have been removed meanwhile
         self.check_room(len(prompts), opts.n)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
@@ -199,17 +181,22 @@ class _Server:
         return Job(model or self.base_name, opts, reqs, queue, chat)
 
     def check_room(self, prompts: int, n: int) -> None:
-        """A request of ``prompts × n`` choices fits MAX_CHOICES and, now, the queue (else a 429)."""
+        """A request of ``prompts × n`` choices fits MAX_CHOICES and, now, the engine: what the running batch
+        cannot take at its next step waits, and at most ``max_queue`` requests may wait (else a 429)."""
         k = prompts * n
         if k > MAX_CHOICES:
             msg = f"this request asks for {k} completions ({prompts} prompts × n = {n}); send at most {MAX_CHOICES}."
             raise ApiError(400, msg, param="n")
-        if k > self.max_queue > 0:
-            msg = f"this request asks for {k} completions; the server queues at most {self.max_queue} (--max-queue)."
+        most = self.max_queue + self.engine.scheduler.max_batch
+        if k > most:
+            msg = f"this request asks for {k} completions; the server takes at most {most} at once (--max-queue)."
             raise ApiError(400, msg, param="n" if n > 1 else "prompt")
-        waiting = self.engine.queue_depth()
-        if waiting + k > self.max_queue:
-            msg = f"the server is busy: {waiting} requests are waiting (--max-queue {self.max_queue}); retry later."
+        waiting, free = self.engine.queue_depth(), self.engine.free_rows()
+        if waiting + k - free > self.max_queue:
+            msg = (
+                f"the server is busy: {waiting} requests are waiting and the running batch has room for {free} "
+                f"(--max-queue {self.max_queue}); retry later."
+            )
             raise ApiError(429, msg, code="queue_full")
 
     def cancel(self, reqs: list[Request]) -> None:
@@ -258,16 +245,16 @@ class _Server:
     def label(self, body: dict[str, Any]) -> str:
         """The metrics label of a request's model: an adapter name, "base", or "unknown"."""
         model = body.get("model")
-        if model is None or model in BASE_ALIASES or model == self.base_name:
+        if model is None or model in self.base_names:
             return "base"
         return model if isinstance(model, str) and self.served(model) else "unknown"
 
     async def generate(self, request: HttpRequest, *, chat: bool) -> Response:
         start, label = time.monotonic(), "invalid"
         try:
-            body = await json_body(request)
+            body = await read_json(request, self.max_body, self.pool)
             label = self.label(body)
-            job = self.submit(body, chat=chat)
+            job = self.submit(body, await offload(self.pool, self.prepare, body, chat), chat=chat)
         except ApiError as e:
             self.metrics.observe(label, e.status, time.monotonic() - start)
             return e.response()
@@ -276,16 +263,32 @@ class _Server:
             raise  # answered by the app's 500 handler
         if job.options.stream:
             return StreamingResponse(self.events(job), media_type="text/event-stream")
-        try:
-            left = len(job.reqs)
-            while left:
-                left -= (await job.queue.get())[1] is None
-        except asyncio.CancelledError:  # the client went away
+        if not await self.finished(job, request):  # the client hung up: nobody reads the answer
             self.cancel(job.reqs)
-            raise
+            self.metrics.observe(label, 499, time.monotonic() - start)
+            return Response(status_code=499)
         error = self.failure(job)
         self.metrics.observe(label, 200 if error is None else error.status, time.monotonic() - start)
         return error.response() if error is not None else JSONResponse(job.result())
+
+    async def finished(self, job: Job, request: HttpRequest) -> bool:
+        """Wait until every choice of ``job`` is done (True) or the client hangs up first (False)."""
+
+        async def drain() -> None:
+            left = len(job.reqs)
+            while left:
+                left -= (await job.queue.get())[1] is None
+
+        done, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(client_gone(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server is shutting down
+            self.cancel(job.reqs)
+            raise
+        finally:
+            gone.cancel()
+            done.cancel()
+        return done.done() and not done.cancelled()
 
     # ---- adapters ----
 
@@ -293,20 +296,25 @@ class _Server:
         """The adapter dir ``raw`` names (relative to the adapters dir), refused if it leads outside that dir."""
         if not isinstance(raw, str) or not raw:
             raise ApiError(400, "path must be the adapter dir's path (relative to the adapters dir).", param="path")
-        path = Path(raw).expanduser()
-        if self.adapters_dir is not None and not path.is_absolute():
-            path = self.adapters_dir / path
-        path = path.resolve()  # follows symlinks: a link out of the adapters dir is outside too
+        check_path_text(raw)
+        try:
+            path = Path(raw).expanduser()
+            if self.adapters_dir is not None and not path.is_absolute():
+                path = self.adapters_dir / path
+            path = path.resolve()  # follows symlinks: a link out of the adapters dir is outside too
+            found = (path / CONFIG_NAME).is_file()
+        except (OSError, RuntimeError, ValueError):  # a name too long, a symlink loop, ...
+            raise ApiError(400, "path is not a path this server's file system can open.", param="path") from None
         if not self.allow_any_path and (self.adapters_dir is None or not path.is_relative_to(self.adapters_dir)):
-            where = f"inside the adapters dir {self.adapters_dir}" if self.adapters_dir else "in an adapters dir"
+            where = "inside the adapters dir (--adapters)" if self.adapters_dir else "in an adapters dir"
             msg = f"path {raw!r} is not {where}; put the adapter there, or start the server with --allow-any-path."
             raise ApiError(403, msg, param="path", code="path_not_allowed")
-        if not (path / CONFIG_NAME).is_file():
+        if not found:
             raise ApiError(400, f"no adapter at {raw!r}: the dir has no {CONFIG_NAME}.", param="path")
         return path
 
     async def add_adapter(self, request: HttpRequest) -> dict[str, Any]:
-        body = await json_body(request)
+        body = await read_json(request, self.max_body, self.pool)
         try:
             name = check_name(body.get("name"))  # type: ignore[arg-type]  # checked there
         except ConfigError as e:
@@ -321,8 +329,9 @@ class _Server:
             try:
                 await asyncio.to_thread(self.engine.add_adapter, name, path)
             except (LorakitError, OSError) as e:
-                raise ApiError(400, f"cannot load the adapter at {body['path']!r}: {e}", param="path") from None
-        return {**self.model_card(name), "path": str(path)}
+                msg = self.public(f"cannot load the adapter at {body['path']!r}: {e}")
+                raise ApiError(400, msg, param="path") from None
+        return {**self.model_card(name), "path": self.public(str(path))}
 
     async def remove_adapter(self, name: str) -> dict[str, Any]:
         async with self.adapter_lock:
@@ -370,24 +379,37 @@ def create_app(
     base_name: str | None = None,
     adapters_dir: str | Path | None = None,
     allow_any_path: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    max_prompt_chars: int | None = None,
+    prep_workers: int = 2,
 ) -> FastAPI:
     """The FastAPI app serving ``engine``; its lifespan starts the engine's thread and stops it.
 
-    ``max_queue`` waiting requests make further ones a 429; ``POST /v1/adapters`` loads only from
-    inside ``adapters_dir`` (relative paths are relative to it) unless ``allow_any_path``.
-    ``base_name`` (default ``engine.base_name``) is the base's model id, besides "base".
+    ``max_queue`` requests may wait beyond what the running batch can take; more get a 429.
+    ``POST /v1/adapters`` loads only from inside ``adapters_dir`` (relative paths are relative to
+    it) unless ``allow_any_path``. ``base_name`` (default: ``engine.base_name``, or its folder's
+    name when that is a local dir) is the base's model id, besides "base". Bodies over
+    ``max_body_bytes`` get a 413; prompts over ``max_prompt_chars`` characters (default
+    ``prompts.CHARS_PER_TOKEN`` × the token limit) a 400 before tokenizing; ``prep_workers`` threads parse,
+    template and tokenize.
     """
-    if max_queue < 0:
-        raise ConfigError(f"max_queue must be ≥ 0, got {max_queue}.")
+    for name, value, low in (("max_queue", max_queue, 0), ("max_body_bytes", max_body_bytes, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be ≥ {low}, got {value}.")
+    if prep_workers < 1 or (max_prompt_chars is not None and max_prompt_chars < 1):
+        raise ConfigError(f"prep_workers and max_prompt_chars must be ≥ 1, got {prep_workers}, {max_prompt_chars}.")
     root = Path(adapters_dir).expanduser().resolve() if adapters_dir is not None else None
     server = _Server(
         engine,
         api_key=api_key,
         max_queue=max_queue,
         max_prompt_tokens=max_prompt_tokens,
-        base_name=base_name or engine.base_name,
+        base_name=base_name or _public_name(engine.base_name),
         adapters_dir=root,
         allow_any_path=allow_any_path,
+        max_body_bytes=max_body_bytes,
+        max_prompt_chars=max_prompt_chars,
+        prep_workers=prep_workers,
     )
 
     @contextlib.asynccontextmanager
@@ -397,12 +419,18 @@ def create_app(
             yield
         finally:
             await asyncio.to_thread(engine.stop)
+            server.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.server = server
     _error_handlers(app)
     _routes(app, server)
     return app
+
+
+def _public_name(base: str) -> str:
+    """The base's model id as clients see it: a local checkpoint dir by its folder's name, never its path."""
+    return Path(base).name if Path(base).is_dir() else base
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -415,8 +443,9 @@ def _error_handlers(app: FastAPI) -> None:
         return ApiError(e.status_code, str(e.detail)).response()
 
     @app.exception_handler(Exception)
-    async def internal_error(_request: HttpRequest, e: Exception) -> JSONResponse:
-        return ApiError(500, f"internal error: {type(e).__name__}: {e}").response()
+    async def internal_error(request: HttpRequest, e: Exception) -> JSONResponse:
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=e)
+        return ApiError(500, "internal error; the server's log has the details.").response()
 
 
 def _routes(app: FastAPI, server: _Server) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 
 from lorakit.errors import ConfigError
@@ -39,17 +38,6 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status == 429 else None  # clients (OpenAI's too) back off and retry
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-async def json_body(request: HttpRequest) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e}); send one JSON object.") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}.")
-    return body
 
 
 def number(body: dict[str, Any], key: str, default: Any, lo: float, hi: float, *, integer: bool = False) -> Any:
