@@ -11,14 +11,23 @@ WORKLOADS.md) or, one time in 20, the base; a quarter are chat requests and a qu
 are greedy, half sampled (temperature 0.8). Meanwhile a churn task loops: POST /v1/adapters a new
 name (from one of 8 adapter dirs nested under the adapters dir), send 2 requests to it, DELETE it.
 Memory: the server's RSS after start-up, after a warm-up, after each half, and its peak (VmHWM).
-Phase B: a fresh server with `--max-queue --small-queue` (default 8) and the same traffic for
-`--requests-429` requests, to show the intended 429s (with `Retry-After: 1`; a worker that gets one
-waits 0.25 s before its next request) and that every other request still succeeds.
+Phase H (hostile, on phase A's server): `--requests-hostile` (default 300) requests of the same mix,
+run clean and hostile alternately `--hostile-reps` times (default 2). Hostile: meanwhile one client
+sends a `--big-prompt-mb` (default 20) MB prompt every 0.5 s and `--abandoners` (default 16)
+clients send 200-token requests and hang up after 0.5 s, again and again. A prober GETs /health
+every 50 ms throughout. Reports p99 latency and requests/s of the normal traffic (median over the
+runs) and their hostile/clean ratios, /health's worst latency, and the server's RSS before and 2 s
+after the phase.
+Phase B: a fresh server with `--max-queue --small-queue` (default 16) and the same traffic for
+`--requests-429` requests (default 200) at `--concurrency-429` (default 32), to show the intended
+429s (with `Retry-After: 1`; a worker that gets one waits 0.25 s before its next request) and that
+every other request still succeeds. `--phases` picks phases (default a,b,h).
 
 Prints one JSON object (requests ok / 429 / other failures, p50/p99 latency, requests/s and
 tokens/s, RSS in MB, adapter bytes resident from /metrics, slot loads and evictions).
 
-    .venv/bin/python benchmarks/serve_load.py [--adapters 100] [--requests 1000] [--concurrency 64] [--json-out PATH]
+    .venv/bin/python benchmarks/serve_load.py [--adapters 100] [--requests 1000] [--concurrency 64] [--phases a,b,h]
+        [--json-out PATH]
 """
 
 from __future__ import annotations
@@ -279,6 +288,107 @@ async def drive(
     return {"results": results, "wall_s": wall, "churn": dict(churned)}
 
 
+async def abandoner(url: str, stop: asyncio.Event, hang_up: float) -> int:
+    """Send long requests (200 tokens) and hang up after ``hang_up`` seconds, again until ``stop``."""
+    body = {"model": "a000", "prompt": "the a of to and", "max_tokens": 200, "temperature": 0.8}
+    sent = 0
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=hang_up)) as http:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                await http.post("/v1/completions", json=body)
+            sent += 1
+    return sent
+
+
+async def big_prompts(url: str, stop: asyncio.Event, mb: int) -> collections.Counter[str]:
+    """Send a ``mb`` MB prompt (a declared body, as the OpenAI client sends it), again until ``stop``."""
+    body = json.dumps({"model": "a000", "prompt": "the " * (mb * 2**18), "max_tokens": 4}).encode()
+    counts: collections.Counter[str] = collections.Counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        while not stop.is_set():
+            try:
+                r = await http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+                counts[str(r.status_code)] += 1
+            except httpx.HTTPError as e:
+                counts[type(e).__name__] += 1
+            await asyncio.sleep(0.5)
+    return counts
+
+
+async def prober(url: str, stop: asyncio.Event, every: float = 0.05) -> list[float]:
+    """GET /health every ``every`` seconds; each answer's latency (10 s for none)."""
+    out: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                ok = (await http.get("/health")).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            out.append(time.perf_counter() - t0 if ok else 10.0)
+            await asyncio.sleep(every)
+    return out
+
+
+async def traffic(url: str, bodies: list[dict[str, Any]], concurrency: int, *, hostile: bool, args: Any) -> dict:
+    """Normal traffic with a /health prober; with ``hostile``, also big prompts and abandoning clients."""
+    stop = asyncio.Event()
+    probe = asyncio.create_task(prober(url, stop))
+    extra = []
+    if hostile:
+        extra = [asyncio.create_task(big_prompts(url, stop, args.big_prompt_mb))]
+        extra += [asyncio.create_task(abandoner(url, stop, 0.5)) for _ in range(args.abandoners)]
+    run = await drive(url, bodies, concurrency, with_churn=False)
+    stop.set()
+    health = await probe
+    others = [await t for t in extra]
+    run["health_s"] = health
+    if hostile:
+        run["big_prompt_statuses"] = dict(others[0])
+        run["abandoned_requests"] = sum(others[1:])
+    return run
+
+
+def hostile_phase(url: str, pid: int, args: Any) -> dict[str, Any]:
+    """Clean and hostile runs of the same traffic, alternating; RSS before and after; /health latency."""
+    bodies = plan(args.requests_hostile, args.adapters, args.seed + 3)
+    runs: dict[str, list[dict[str, Any]]] = {"clean": [], "hostile": []}
+    asyncio.run(drive(url, plan(args.concurrency, args.adapters, args.seed + 4), args.concurrency, with_churn=False))
+    rss_before = rss_mb(pid)["VmRSS"]
+    for _ in range(args.hostile_reps):
+        for side in ("clean", "hostile"):
+            runs[side].append(asyncio.run(traffic(url, bodies, args.concurrency, hostile=side == "hostile", args=args)))
+    time.sleep(2.0)  # abandoned work drains
+    rss_after = rss_mb(pid)["VmRSS"]
+    out: dict[str, Any] = {}
+    for side, rs in runs.items():
+        each = [summarize([r]) for r in rs]
+        health = [h for r in rs for h in r["health_s"]]
+        out[side] = {
+            "latency_p99_s": statistics.median(e["latency_p99_s"] for e in each),
+            "requests_per_s": statistics.median(e["requests_per_s"] for e in each),
+            "ok": sum(e["ok"] for e in each),
+            "failures": sum(e["requests"] - e["ok"] for e in each),
+            "runs": each,
+            "health_max_ms": round(1000 * max(health), 1),
+            "health_p99_ms": round(1000 * statistics.quantiles(health, n=100)[98], 1),
+            "health_probes": len(health),
+        }
+        if side == "hostile":
+            out[side]["big_prompt_statuses"] = dict(
+                sum((collections.Counter(r["big_prompt_statuses"]) for r in rs), collections.Counter())
+            )
+            out[side]["abandoned_requests"] = sum(r["abandoned_requests"] for r in rs)
+    c, h = out["clean"], out["hostile"]
+    out["ratio"] = {
+        "p99_hostile_over_clean": round(h["latency_p99_s"] / c["latency_p99_s"], 3),
+        "throughput_hostile_over_clean": round(h["requests_per_s"] / c["requests_per_s"], 3),
+        "rss_after_over_before": round(rss_after / rss_before, 3),
+    }
+    out["rss_mb"] = {"before": rss_before, "after": rss_after, "peak_VmHWM": rss_mb(pid)["VmHWM"]}
+    return out
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     results = [r for run in runs for r in run["results"]]
     wall = sum(run["wall_s"] for run in runs)
@@ -320,14 +430,41 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def phase_a(url: str, pid: int, args: Any) -> dict[str, Any]:
+    """A warm-up, then ``--requests`` in two halves with adapter churn; RSS after each."""
+    bodies = plan(args.requests, args.adapters, args.seed)
+    half = len(bodies) // 2
+    rss = {"after_start": rss_mb(pid)["VmRSS"]}
+    asyncio.run(drive(url, plan(args.concurrency, args.adapters, args.seed + 1), args.concurrency, with_churn=False))
+    rss["after_warmup"] = rss_mb(pid)["VmRSS"]
+    first = asyncio.run(drive(url, bodies[:half], args.concurrency, with_churn=True))
+    rss["after_half_1"] = rss_mb(pid)["VmRSS"]
+    second = asyncio.run(drive(url, bodies[half:], args.concurrency, with_churn=True))
+    mem = rss_mb(pid)
+    rss["after_half_2"], rss["peak_VmHWM"] = mem["VmRSS"], mem["VmHWM"]
+    churn_counts = collections.Counter(first["churn"]) + collections.Counter(second["churn"])
+    return {
+        "phase_a": {**summarize([first, second]), "halves": [summarize([first]), summarize([second])]},
+        "churn": dict(sorted(churn_counts.items())),
+        "rss_mb": rss,
+        "server_metrics": scrape(url),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--adapters", type=int, default=100, help="registered adapters (default 100)")
     ap.add_argument("--requests", type=int, default=1000, help="phase A requests (default 1000)")
-    ap.add_argument("--requests-429", type=int, default=300, help="phase B requests (default 300)")
-    ap.add_argument("--small-queue", type=int, default=8, help="phase B's --max-queue (default 8)")
+    ap.add_argument("--requests-429", type=int, default=200, help="phase B requests (default 200)")
+    ap.add_argument("--small-queue", type=int, default=16, help="phase B's --max-queue (default 16)")
+    ap.add_argument("--concurrency-429", type=int, default=32, help="phase B's concurrency (default 32)")
+    ap.add_argument("--requests-hostile", type=int, default=300, help="phase H requests per run (default 300)")
+    ap.add_argument("--hostile-reps", type=int, default=2, help="phase H clean/hostile run pairs (default 2)")
+    ap.add_argument("--big-prompt-mb", type=int, default=20, help="phase H's big prompt in MB (default 20)")
+    ap.add_argument("--abandoners", type=int, default=16, help="phase H's clients that hang up (default 16)")
+    ap.add_argument("--phases", default="a,b,h", help="which phases to run: a, b, h (default all)")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--max-slots", type=int, default=32)
@@ -341,42 +478,28 @@ def main() -> None:
         root = Path(tmp)
         base = make_base(root, args.layers)
         make_adapters(root / "adapters", args.adapters, args.layers, base)
-        bodies = plan(args.requests, args.adapters, args.seed)
-        half = len(bodies) // 2
-        with serving(base, root / "adapters", max_queue=256, max_slots=args.max_slots, threads=args.threads) as (
-            url,
-            proc,
-        ):
-            rss = {"after_start": rss_mb(proc.pid)["VmRSS"]}
-            asyncio.run(
-                drive(url, plan(args.concurrency, args.adapters, args.seed + 1), args.concurrency, with_churn=False)
-            )
-            rss["after_warmup"] = rss_mb(proc.pid)["VmRSS"]
-            first = asyncio.run(drive(url, bodies[:half], args.concurrency, with_churn=True))
-            rss["after_half_1"] = rss_mb(proc.pid)["VmRSS"]
-            second = asyncio.run(drive(url, bodies[half:], args.concurrency, with_churn=True))
-            mem = rss_mb(proc.pid)
-            rss["after_half_2"], rss["peak_VmHWM"] = mem["VmRSS"], mem["VmHWM"]
-            metrics = scrape(url)
-        churn_counts = collections.Counter(first["churn"]) + collections.Counter(second["churn"])
-        bodies_b = plan(args.requests_429, args.adapters, args.seed + 2)
-        with serving(
-            base, root / "adapters", max_queue=args.small_queue, max_slots=args.max_slots, threads=args.threads
-        ) as (
-            url,
-            _,
-        ):
-            phase_b = asyncio.run(drive(url, bodies_b, args.concurrency, with_churn=False))
+        phases = set(args.phases.split(","))
+        found: dict[str, Any] = {}
+        if phases & {"a", "h"}:
+            with serving(base, root / "adapters", max_queue=256, max_slots=args.max_slots, threads=args.threads) as (
+                url,
+                proc,
+            ):
+                if "a" in phases:
+                    found.update(phase_a(url, proc.pid, args))
+                if "h" in phases:
+                    found["phase_h_hostile"] = hostile_phase(url, proc.pid, args)
+        if "b" in phases:
+            bodies_b = plan(args.requests_429, args.adapters, args.seed + 2)
+            with serving(
+                base, root / "adapters", max_queue=args.small_queue, max_slots=args.max_slots, threads=args.threads
+            ) as (url, _):
+                phase_b = asyncio.run(drive(url, bodies_b, args.concurrency_429, with_churn=False))
+            found["phase_b_small_queue"] = summarize([phase_b])
     result = {
         "workload": f"serve_load: smollm2-shape {args.layers}L, {args.adapters} adapters r∈{{8,16,32,64}}, "
         f"Zipf α=0.5, {args.concurrency} concurrent, loopback",
-        "lorakit": {
-            "phase_a": {**summarize([first, second]), "halves": [summarize([first]), summarize([second])]},
-            "churn": dict(sorted(churn_counts.items())),
-            "rss_mb": rss,
-            "server_metrics": metrics,
-            "phase_b_small_queue": summarize([phase_b]),
-        },
+        "lorakit": found,
         "peer": None,
         "ratio": None,
         "settings": vars(args) | {"json_out": str(args.json_out) if args.json_out else None},
