@@ -44,7 +44,8 @@ def serve(
         list[str] | None, Opt(help="An adapter to copy into a slot at start, not on its first request; repeatable.")
     ] = None,
     allow_any_path: Annotated[
-        bool, Opt(help="Let POST /v1/adapters load from anywhere, not only from inside --adapters.")
+        bool,
+        Opt(help="Serve adapters from anywhere (POST /v1/adapters, links, the registry), not only inside --adapters."),
     ] = False,
     log_level: Annotated[str, Opt(help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
@@ -66,7 +67,7 @@ def serve(
     with err.status(f"loading {base}"):
         engine = Engine(base, max_slots=max_slots, max_batch=max_batch, state_dir=adapters / STATE_DIR)
     with err.status(f"registering the adapters in {adapters}"):
-        _, skipped = register_adapter_dir(engine, adapters)
+        _, skipped = register_adapter_dir(engine, adapters, allow_any_path=allow_any_path)
         for path in collection or []:
             engine.add_collection(path)
         engine.preload(preload or [])
