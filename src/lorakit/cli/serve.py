@@ -53,8 +53,9 @@ def serve(
 
     POST /v1/completions and /v1/chat/completions with "model" set to an adapter's name ("base" or
     none: the base model); GET /v1/models; POST /v1/adapters {"name", "path"} and DELETE
-    /v1/adapters/NAME; GET /health and /metrics (Prometheus). Adapters added over HTTP are
-    remembered in ADAPTERS/.lorakit-serve/ across restarts.
+    /v1/adapters/NAME; GET /health and /metrics (Prometheus). Adapters added and deleted over
+    HTTP are remembered in ADAPTERS/.lorakit-serve/ across restarts; one whose folder is missing
+    at start stays registered, unavailable, until the folder is back.
     """
     from lorakit.serve.engine import Engine
     from lorakit.serve.server import create_app, register_adapter_dir, run
