@@ -239,7 +239,10 @@ def test_post_and_delete_adapters(live, world):
     registry = world.root / ".lorakit-serve" / "registry.json"
     r = httpx.post(f"{url}/v1/adapters", json={"name": "new", "path": "extra/new"}, timeout=TIMEOUT)
     assert r.status_code == 200 and r.json()["id"] == "new"
-    assert "new" in [m.id for m in client(url).models.list().data] and "new" in json.loads(registry.read_text())
+    assert (
+        "new" in [m.id for m in client(url).models.list().data]
+        and "new" in json.loads(registry.read_text())["adapters"]
+    )
     want = engine.generate([PROMPT], ["new"], max_new_tokens=8)[0].text
     assert (
         client(url).completions.create(model="new", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text == want
@@ -249,7 +252,7 @@ def test_post_and_delete_adapters(live, world):
     assert httpx.post(f"{url}/v1/adapters", json={"name": "base", "path": "a"}, timeout=TIMEOUT).status_code == 409
     gone = httpx.delete(f"{url}/v1/adapters/new", timeout=TIMEOUT)
     assert gone.status_code == 200 and gone.json()["deleted"] is True
-    assert "new" not in engine.adapters() and "new" not in json.loads(registry.read_text())
+    assert "new" not in engine.adapters() and "new" not in json.loads(registry.read_text())["adapters"]
     with pytest.raises(openai.NotFoundError):
         client(url).completions.create(model="new", prompt=PROMPT, max_tokens=2)
     missing = httpx.delete(f"{url}/v1/adapters/new", timeout=TIMEOUT)
@@ -476,7 +479,7 @@ def test_cli_serve_registers_the_adapter_dirs(world, tmp_path, monkeypatch):
     assert (seen["host"], seen["port"], seen["models"]) == ("0.0.0.0", 9123, ["tiny", "a", "b", "c", "ca", "cb"])
     assert seen["text"] == seen["want"] and seen["delete"] == 409  # a compressed adapter is served, kept whole
     assert "warning" in result.output and "no --api-key" in result.output and "skipped bad name" in result.output
-    assert sorted(json.loads((root / ".lorakit-serve" / "registry.json").read_text())) == ["a", "b", "c"]
+    assert sorted(json.loads((root / ".lorakit-serve" / "registry.json").read_text())["adapters"]) == ["a", "b", "c"]
     unknown = CliRunner().invoke(app, [*args, "--preload", "nope"])
     assert unknown.exit_code != 0 and "unknown adapter 'nope'" in unknown.output
     missing = CliRunner().invoke(app, ["serve", "--base", str(ckpt), "--adapters", str(tmp_path / "none")])

@@ -50,7 +50,8 @@ def serve(
         list[str] | None, Opt(help="An adapter to copy into a slot at start, not on its first request; repeatable.")
     ] = None,
     allow_any_path: Annotated[
-        bool, Opt(help="Let POST /v1/adapters load from anywhere, not only from inside --adapters.")
+        bool,
+        Opt(help="Serve adapters from anywhere (POST /v1/adapters, links, the registry), not only inside --adapters."),
     ] = False,
     log_level: Annotated[str, Opt(help="uvicorn log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
@@ -58,8 +59,9 @@ def serve(
 
     POST /v1/completions and /v1/chat/completions with "model" set to an adapter's name ("base" or
     none: the base model); GET /v1/models; POST /v1/adapters {"name", "path"} and DELETE
-    /v1/adapters/NAME; GET /health and /metrics (Prometheus). Adapters added over HTTP are
-    remembered in ADAPTERS/.lorakit-serve/ across restarts.
+    /v1/adapters/NAME; GET /health and /metrics (Prometheus). Adapters added and deleted over
+    HTTP are remembered in ADAPTERS/.lorakit-serve/ across restarts; one whose folder is missing
+    at start stays registered, unavailable, until the folder is back.
     """
     from lorakit.serve.engine import Engine
     from lorakit.serve.server import create_app, register_adapter_dir, run
@@ -72,7 +74,7 @@ def serve(
     with err.status(f"loading {base}"):
         engine = Engine(base, max_slots=max_slots, max_batch=max_batch, state_dir=adapters / STATE_DIR)
     with err.status(f"registering the adapters in {adapters}"):
-        _, skipped = register_adapter_dir(engine, adapters)
+        _, skipped = register_adapter_dir(engine, adapters, allow_any_path=allow_any_path)
         for path in collection or []:
             engine.add_collection(path)
         engine.preload(preload or [])

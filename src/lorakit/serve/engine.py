@@ -115,7 +115,7 @@ class Engine:
     def add_collection(self, path: str | Path) -> list[str]:
         """Serve every adapter of a compressed collection (``lorakit compress``); returns their names."""
         coll = load_collection(path, {m: self._weight(m) for m in self.bank.dims})
-        clash = sorted(set(coll.names) & (set(self.cache.names()) | set(self.compressed)))
+        clash = sorted(set(coll.names) & (set(self.cache.names()) | set(self.cache.unavailable) | set(self.compressed)))
         if clash:
             raise ConfigError(f"{path}: adapter name {clash[0]!r} is already registered; remove it first.")
         with self.lock:
@@ -130,6 +130,7 @@ class Engine:
         Compressed adapters need no slot. At most ``max_slots`` names."""
         todo = [n for n in dict.fromkeys(names) if n is not None and n not in self.compressed]
         for name in todo:
+            self.revive(name)
             self._check_adapter(name)
         self.cache.preload(todo)
 
@@ -137,8 +138,25 @@ class Engine:
         """Every adapter name a request can use (registered and compressed)."""
         return sorted([*self.cache.names(), *self.compressed])
 
+    def revive(self, name: str) -> bool:
+        """Whether ``name`` is served, after looking again (at most once a second) at the folder of an
+        unavailable one: it comes back once its folder does."""
+        return name in self.compressed or self.cache.revive(name)
+
+    def revive_all(self) -> None:
+        """Look again at the folder of every unavailable adapter (each at most once a second)."""
+        self.cache.revive_all()
+
+    def unavailable(self, name: str, root: str | Path | None = None) -> str | None:
+        """Why the registered adapter ``name`` is not served now (its folder is missing, fails to load, or
+        is outside what the server may read), with paths shown relative to ``root``; None when it is
+        served or not registered at all."""
+        return self.cache.reason(name, Path(root).resolve() if root is not None else None)
+
     def _check_adapter(self, name: str | None) -> None:
         if name is not None and name not in self.cache and name not in self.compressed:
+            if (why := self.cache.reason(name)) is not None:
+                raise ConfigError(f"adapter {name!r} is registered but unavailable: {why}")
             raise ConfigError(f"unknown adapter {name!r}; registered: {', '.join(self.adapters()[:20]) or 'none'}.")
 
     def bind(self, reqs: list[Request]) -> None:
@@ -225,7 +243,9 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------
 
     def submit(self, req: Request) -> Request:
-        """Queue ``req`` (checked now: an unknown adapter is a ConfigError); the loop runs it."""
+        """Queue ``req`` (checked now: an unknown or unavailable adapter is a ConfigError); the loop runs it."""
+        if req.adapter is not None and req.adapter not in self.cache:
+            self.revive(req.adapter)
         self._check_adapter(req.adapter)
         return self.scheduler.submit(req)
 

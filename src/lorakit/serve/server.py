@@ -124,6 +124,9 @@ class _Server:
         return name in self.engine.cache or name in self.engine.compressed
 
     def unknown_model(self, model: str) -> ApiError:
+        why = self.engine.unavailable(model, self.adapters_dir)  # paths relative to the adapters dir
+        if why is not None:
+            return ApiError(404, f"the adapter {model!r} is unavailable: {why}.", param="model", code="model_not_found")
         msg = (
             f"the model {model!r} does not exist: it is neither the base ({self.base_name!r}) nor a registered "
             f"adapter. {LIST_HINT}"
@@ -135,7 +138,7 @@ class _Server:
             return None
         if not isinstance(model, str):
             raise ApiError(400, f"model must be a string (an adapter name or 'base'), got {model!r}.", param="model")
-        if not self.served(model):
+        if not self.served(model) and not self.engine.revive(model):  # an unavailable one: its folder may be back
             raise self.unknown_model(model)
         return model
 
@@ -357,6 +360,7 @@ class _Server:
         }
 
     def models(self) -> dict[str, Any]:
+        self.engine.revive_all()  # unavailable adapters whose folders are back are listed again
         return {"object": "list", "data": [self.model_card(n) for n in [self.base_name, *self.engine.adapters()]]}
 
     def health(self) -> dict[str, Any]:
@@ -482,25 +486,39 @@ def _routes(app: FastAPI, server: _Server) -> None:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def register_adapter_dir(engine: Engine, root: str | Path) -> tuple[list[str], dict[str, str]]:
+def register_adapter_dir(
+    engine: Engine, root: str | Path, *, allow_any_path: bool = False
+) -> tuple[list[str], dict[str, str]]:
     """Register every direct subfolder of ``root`` that holds an adapter, under the folder's name.
 
-    Returns (registered names, {skipped name: why}); a name the registry restored with the same
-    path is kept as it is.
+    Returns (registered names, {skipped name: why}). A name the registry restored with the same
+    path is kept as it is; a name deleted with DELETE /v1/adapters stays deleted until POSTed again.
+    Unless ``allow_any_path``, the containment of POST /v1/adapters holds here too: a subfolder
+    that links outside ``root`` is skipped, and a restored adapter outside ``root`` stays
+    registered but unavailable (the registry keeps it for a server that may read it).
     """
+    root = Path(root).expanduser().resolve()
+    engine.cache.scan_root = root
+    outside = "outside --adapters; start with --allow-any-path to serve it"
+    for name, path in engine.cache.entries().items():
+        if not allow_any_path and not Path(path).resolve().is_relative_to(root):
+            engine.cache.refuse(name, f"{path} is {outside}")
     done: list[str] = []
     skipped: dict[str, str] = {}
-    for sub in sorted(p for p in Path(root).iterdir() if (p / CONFIG_NAME).is_file()):
-        known = engine.cache.paths.get(sub.name)
-        if known is not None and Path(known).resolve() == sub.resolve():
-            done.append(sub.name)
-            continue
-        try:
-            engine.add_adapter(sub.name, sub)
-        except LorakitError as e:
-            skipped[sub.name] = str(e)
-            continue
-        done.append(sub.name)
+    for sub in sorted(p for p in root.iterdir() if (p / CONFIG_NAME).is_file()):
+        known = engine.cache.path_of(sub.name)
+        if sub.name in engine.cache.removed:
+            skipped[sub.name] = "removed with DELETE /v1/adapters; POST /v1/adapters registers it again"
+        elif not allow_any_path and not sub.resolve().is_relative_to(root):
+            skipped[sub.name] = f"{sub} is a link {outside}"
+        elif known is not None and Path(known).resolve() == sub.resolve():
+            done += [sub.name] if sub.name in engine.cache else []  # else unavailable, and logged as such
+        else:
+            try:
+                engine.add_adapter(sub.name, sub)
+                done.append(sub.name)
+            except LorakitError as e:
+                skipped[sub.name] = str(e)
     return done, skipped
 
 
