@@ -465,7 +465,7 @@ def _routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
-        return server.models()
+        return await offload(server.pool, server.models)  # may look at unavailable adapters' folders
 
     @app.post("/v1/adapters", dependencies=auth)
     async def add_adapter(request: HttpRequest) -> dict[str, Any]:
