@@ -13,8 +13,9 @@ name (from one of 8 adapter dirs nested under the adapters dir), send 2 requests
 Memory: the server's RSS after start-up, after a warm-up, after each half, and its peak (VmHWM).
 Phase H (hostile, on phase A's server): `--requests-hostile` (default 300) requests of the same mix,
 run clean and hostile alternately `--hostile-reps` times (default 2). Hostile: meanwhile one client
-sends a `--big-prompt-mb` (default 20) MB prompt every 0.5 s and `--abandoners` (default 16)
-clients send 200-token requests and hang up after 0.5 s, again and again. A prober GETs /health
+sends `--big-prompts` (default 1) prompts of `--big-prompt-mb` (default 20) MB, and `--abandoners`
+(default 16) clients each send `--abandon-each` (default 1) 200-token requests and hang up after
+0.5 s. A prober GETs /health
 every 50 ms throughout. Reports p99 latency and requests/s of the normal traffic (median over the
 runs) and their hostile/clean ratios, /health's worst latency, and the server's RSS before and 2 s
 after the phase.
@@ -288,45 +289,63 @@ async def drive(
     return {"results": results, "wall_s": wall, "churn": dict(churned)}
 
 
-async def abandoner(url: str, stop: asyncio.Event, hang_up: float) -> int:
-    """Send long requests (200 tokens) and hang up after ``hang_up`` seconds, again until ``stop``."""
+async def abandoner(url: str, times: int, hang_up: float) -> int:
+    """Send ``times`` long requests (200 tokens), each hung up on after ``hang_up`` seconds."""
     body = {"model": "a000", "prompt": "the a of to and", "max_tokens": 200, "temperature": 0.8}
-    sent = 0
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=hang_up)) as http:
-        while not stop.is_set():
+        for _ in range(times):
             with contextlib.suppress(httpx.HTTPError):
                 await http.post("/v1/completions", json=body)
-            sent += 1
-    return sent
+    return times
 
 
-async def big_prompts(url: str, stop: asyncio.Event, mb: int) -> collections.Counter[str]:
-    """Send a ``mb`` MB prompt (a declared body, as the OpenAI client sends it), again until ``stop``."""
-    body = json.dumps({"model": "a000", "prompt": "the " * (mb * 2**18), "max_tokens": 4}).encode()
+async def big_prompts(url: str, times: int, mb: int) -> collections.Counter[str]:
+    """Send ``times`` prompts of ``mb`` MB (a declared body, as the OpenAI client sends it), 1 s apart."""
+    body = await asyncio.to_thread(lambda: json.dumps({"model": "a000", "prompt": "the " * (mb * 2**18)}).encode())
     counts: collections.Counter[str] = collections.Counter()
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        while not stop.is_set():
+        for _ in range(times):
             try:
                 r = await http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
                 counts[str(r.status_code)] += 1
             except httpx.HTTPError as e:
                 counts[type(e).__name__] += 1
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
     return counts
 
 
+PROBE = """
+import sys, time, json, httpx
+out = []
+with httpx.Client(base_url=sys.argv[1], timeout=10) as http:
+    while sys.stdin.readline().strip() == "go":  # one probe per line the parent writes
+        t0 = time.perf_counter()
+        try:
+            ok = http.get("/health").status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        out.append(time.perf_counter() - t0 if ok else 10.0)
+        print(json.dumps(out[-1]), flush=True)
+print(json.dumps(out), flush=True)
+"""
+
+
 async def prober(url: str, stop: asyncio.Event, every: float = 0.05) -> list[float]:
-    """GET /health every ``every`` seconds; each answer's latency (10 s for none)."""
-    out: list[float] = []
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                ok = (await http.get("/health")).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            out.append(time.perf_counter() - t0 if ok else 10.0)
-            await asyncio.sleep(every)
+    """GET /health every ``every`` seconds from a separate process (the client's own loop is busy); each
+    answer's latency (10 s for none)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PROBE, url, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    while not stop.is_set():
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        await proc.stdout.readline()
+        await asyncio.sleep(every)
+    proc.stdin.write(b"stop\n")
+    await proc.stdin.drain()
+    out = json.loads((await proc.stdout.readline()).decode())
+    await proc.wait()
     return out
 
 
@@ -336,8 +355,8 @@ async def traffic(url: str, bodies: list[dict[str, Any]], concurrency: int, *, h
     probe = asyncio.create_task(prober(url, stop))
     extra = []
     if hostile:
-        extra = [asyncio.create_task(big_prompts(url, stop, args.big_prompt_mb))]
-        extra += [asyncio.create_task(abandoner(url, stop, 0.5)) for _ in range(args.abandoners)]
+        extra = [asyncio.create_task(big_prompts(url, args.big_prompts, args.big_prompt_mb))]
+        extra += [asyncio.create_task(abandoner(url, args.abandon_each, 0.5)) for _ in range(args.abandoners)]
     run = await drive(url, bodies, concurrency, with_churn=False)
     stop.set()
     health = await probe
@@ -463,7 +482,9 @@ def main() -> None:
     ap.add_argument("--requests-hostile", type=int, default=300, help="phase H requests per run (default 300)")
     ap.add_argument("--hostile-reps", type=int, default=2, help="phase H clean/hostile run pairs (default 2)")
     ap.add_argument("--big-prompt-mb", type=int, default=20, help="phase H's big prompt in MB (default 20)")
+    ap.add_argument("--big-prompts", type=int, default=1, help="phase H's big prompts per run (default 1)")
     ap.add_argument("--abandoners", type=int, default=16, help="phase H's clients that hang up (default 16)")
+    ap.add_argument("--abandon-each", type=int, default=1, help="requests each abandoner sends (default 1)")
     ap.add_argument("--phases", default="a,b,h", help="which phases to run: a, b, h (default all)")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
