@@ -391,6 +391,7 @@ def hostile_phase(url: str, pid: int, args: Any) -> dict[str, Any]:
             "runs": each,
             "health_max_ms": round(1000 * max(health), 1),
             "health_p99_ms": round(1000 * statistics.quantiles(health, n=100)[98], 1),
+            "health_over_100ms": sum(h > 0.1 for h in health),
             "health_probes": len(health),
         }
         if side == "hostile":
