@@ -22,7 +22,9 @@ templating and tokenizing run on a small thread pool (``prep_workers``), so a la
 stalls the event loop (``/health`` answers meanwhile). Each engine request gets callbacks that put
 ``(choice, piece)`` for every final piece of text, then ``(choice, None)`` for "done", on its HTTP
 request's asyncio queue through ``loop.call_soon_threadsafe``; handlers await that queue, so the
-event loop never blocks on generation. A client that hangs up cancels its requests, streamed or
+event loop never blocks on generation; the objects loaded before serving (the model, the adapters)
+are frozen out of the garbage collector, so its full passes stay short while serving (``/health``'s
+worst latency under load: benchmarks/README.md, serve_load phase H). A client that hangs up cancels its requests, streamed or
 not (counted as status 499): their batch rows and queue places are freed at once.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import threading
@@ -418,6 +421,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        gc.collect()
+        gc.freeze()  # the model and adapters loaded so far are never scanned again: shorter GC pauses
         engine.start()
         try:
             yield
