@@ -24,8 +24,9 @@ stalls the event loop (``/health`` answers meanwhile). Each engine request gets 
 request's asyncio queue through ``loop.call_soon_threadsafe``; handlers await that queue, so the
 event loop never blocks on generation; the objects loaded before serving (the model, the adapters)
 are frozen out of the garbage collector, so its full passes stay short while serving (``/health``'s
-worst latency under load: benchmarks/README.md, serve_load phase H). A client that hangs up cancels its requests, streamed or
-not (counted as status 499): their batch rows and queue places are freed at once.
+worst latency under load: benchmarks/README.md, serve_load phase H). A client that hangs up cancels
+its requests, streamed or not (counted as status 499): their batch rows and queue places are freed
+at once.
 """
 
 from __future__ import annotations
