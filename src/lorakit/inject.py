@@ -356,6 +356,7 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             spec = adapter_info(out, wrapper.active).spec
             if not spec.mergeable:
                 raise ConfigError(f"method {spec.name!r} cannot be merged exactly into the base weights.")
+            L.require_dense(base, f"merging {module_name}")
             with torch.no_grad():
                 delta = adapter.delta_weight(base)  # base layout
                 merged = base.weight + delta.to(base.weight.dtype)
