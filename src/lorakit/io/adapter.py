@@ -72,13 +72,19 @@ def _target_modules_field(model: nn.Module, modules: list[str]) -> list[str] | s
     return "(" + "|".join(re.escape(m) for m in modules) + ")"
 
 
+def weight_norm(base: nn.Module) -> float:
+    """‖W‖_F of a base layer, read through its kind (a quantized layer's dequantized weight)."""
+    weight: Any = L.weight_out_in(base) if L.kind_of(base) is not None else base.weight
+    return float(weight.detach().float().norm())
+
+
 def base_fingerprint(model: nn.Module, modules: list[str], n: int = 4) -> dict[str, float]:
     """Frobenius norms of a few targeted base weights: cheap, and dtype-robust to ~1e-3."""
     out = {}
     for name in modules[:n]:
         module = model.get_submodule(name)
         base: Any = module.base_layer if isinstance(module, AdaptedLayer) else module
-        out[name] = float(base.weight.detach().float().norm())
+        out[name] = weight_norm(base)
     return out
 
 
@@ -285,7 +291,7 @@ def _modules_of(fields: dict[str, Any], block: dict[str, Any], model: nn.Module,
 def _check_base(fields: dict[str, Any], block: dict[str, Any], model: nn.Module, where: Path) -> None:
     prints = block.get("base_fingerprint") or {}
     names: dict[str, Any] = dict(logical_modules(model))  # a module it lacks is reported as missing keys below
-    norms = {m: float(names[m].weight.detach().float().norm()) for m in prints if hasattr(names.get(m), "weight")}
+    norms = {m: weight_norm(names[m]) for m in prints if hasattr(names.get(m), "weight")}
     fix = "Load it onto its own base, or pass check_base=False if you know the bases match."
     check_base_norms(where, prints, norms, base_name=fields.get("base_model_name_or_path"), fix=fix)
 
