@@ -8,9 +8,11 @@ freshly quantized base, that the same adapter on the dequantized base gives the 
 merging into the quantized weight is refused clearly (merging onto a quantized base is not built yet).
 
 Excluded, because their math writes into the base weight, which a quantized layer cannot hold: the methods
-whose adapters move a part out of the base (LoLDU, SaLoRA: ``base_shift``) and the init options that
-leave a residual base (PiSSA, LoRA-GA: ``shifts_base``). Attaching them raises a TargetError that says to
-run them on the full-precision model and quantize after; ``test_excluded_cases_fail_clearly`` checks it.
+whose adapters move a part out of the base (LoLDU, SaLoRA: ``base_shift``), the init options that
+leave a residual base (PiSSA, LoRA-GA: ``shifts_base``) and LoftQ, which replaces W by its quantized Q
+(``replaces_base``: run it on the full-precision model, then quantize; tests/init/test_loftq.py). Attaching
+them raises a TargetError that says to run them on the full-precision model and quantize after;
+``test_excluded_cases_fail_clearly`` checks it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ CASES = sorted(REGISTRY) + [f"lora+{i}" for i in sorted(INITS)]
 
 def _writes_base(case: str) -> bool:
     method, _, init = case.partition("+")
-    return INITS[init].shifts_base if init else REGISTRY[method].adapter.base_shift is not AdapterModule.base_shift
+    if init:
+        return INITS[init].shifts_base or INITS[init].replaces_base
+    return REGISTRY[method].adapter.base_shift is not AdapterModule.base_shift
 
 
 EXCLUDED = [c for c in CASES if _writes_base(c)]
@@ -127,4 +131,4 @@ def test_excluded_cases_fail_clearly(case):
 
 
 def test_the_exclusions_are_the_base_writing_cases():
-    assert sorted(EXCLUDED) == ["loldu", "lora+lora_ga", "lora+pissa", "salora"]
+    assert sorted(EXCLUDED) == ["loldu", "lora+loftq", "lora+lora_ga", "lora+pissa", "salora"]

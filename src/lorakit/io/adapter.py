@@ -22,6 +22,8 @@ from torch import nn
 import lorakit
 from lorakit import layers as L
 from lorakit.errors import AdapterFormatError, ConfigError, LorakitError, TargetError
+from lorakit.init._api import config_fields
+from lorakit.initialize import rebuilds_base
 from lorakit.inject import (
     AdaptedLayer,
     active_adapter,
@@ -101,6 +103,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     states = {m: a.export_state() for m, a in adapters.items()}
     module_cfgs = {m: a.config for m, a in adapters.items()}
     prints = None
+    if any(a.init_base_norm is not None for a in adapters.values()):  # the base was replaced: the original's norms
+        prints = {m: a.init_base_norm for m, a in list(adapters.items())[:4] if a.init_base_norm is not None}
     if any(a.base_shift() is not None for a in adapters.values()):
         if not foldable(adapters):
             return _save_relative_to_original(model, path, name)
@@ -255,7 +259,7 @@ def config_from_fields(fields: dict[str, Any], where: Path) -> Any:
         except (ConfigError, TypeError) as e:
             raise AdapterFormatError(f"{where}: the 'lorakit' block is invalid: {e}") from e
     init = fields.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS) and config_fields(fields)["init"] != init:
         raise AdapterFormatError(
             f"{where}: init_lora_weights={init!r} means the adapter is relative to a rewritten (residual) base, "
             "so it would give wrong outputs on the original base. Re-save it with PEFT's "
@@ -321,7 +325,8 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
             rank_pattern=fields.get("rank_pattern") or None,
             alpha_pattern=fields.get("alpha_pattern") or None,
             modules_to_save=fields.get("modules_to_save") or None,
-            initialize=False,  # the file holds the initialised (and trained) state
+            initialize=rebuilds_base(cfg),  # the file holds the initialised (and trained) state; a replaced base
+            # (LoftQ's Q) is rebuilt from the original W by rerunning the init, whose A and B are then overwritten
         )
     except TargetError as e:
         raise AdapterFormatError(f"{path / CONFIG_NAME}: its target modules do not fit this base: {e}") from e
