@@ -4,8 +4,9 @@ The base Linear layers are bitsandbytes ``Linear4bit`` (fp32 compute), read by m
 ``bnb4bit`` base-layer kind. Each case attaches to the q/k/v/o and MLP projections and checks: the init
 identity where the method promises one, that the adapter changes the output, that only adapter
 parameters train (the quantized codes never change), inference path = training path, save/load onto a
-freshly quantized base, that the same adapter on the dequantized base gives the same logits, and that
-merging into the quantized weight is refused clearly (merging onto a quantized base is not built yet).
+freshly quantized base, that the same adapter on the dequantized base gives the same logits, and merging
+onto the quantized base: dequantized (equal to the unmerged forward) and re-quantized (a quantized model
+with a drift report for every layer).
 
 Excluded, because their math writes into the base weight, which a quantized layer cannot hold: the methods
 whose adapters move a part out of the base (LoLDU, SaLoRA: ``base_shift``), the init options that
@@ -26,6 +27,7 @@ from lorakit.init import INITS
 from lorakit.initialize import needs_calibration
 from lorakit.methods import REGISTRY
 from lorakit.methods._api import AdapterModule
+from lorakit.quant import merge_drift, quantized_kinds
 from lorakit.testing import randomize_adapters, tiny_llama
 from tests.helpers import config_for, logits, tokens
 
@@ -116,10 +118,10 @@ def test_qlora_save_load_and_the_dequantized_base(case, tmp_path):
     # the kind reads the weight the bitsandbytes forward uses: the same adapter on the dequantized base agrees
     dense = lk.load_adapter(lk.dequantize(quantized()), tmp_path / "adapter")
     torch.testing.assert_close(logits(dense, x), y, atol=1e-5, rtol=1e-5)
-    if REGISTRY[case.partition("+")[0]].mergeable:
-        with pytest.raises(lk.TargetError, match="holds it quantized.*lk.dequantize"):
-            lk.merge(model)
-        torch.testing.assert_close(logits(lk.merge(dense), x), y, atol=1e-5, rtol=1e-5)
+    if REGISTRY[case.partition("+")[0]].mergeable:  # merged onto the quantized base: dense (exact) or re-quantized
+        torch.testing.assert_close(logits(lk.merge(model, quantized="dequantize"), x), y, atol=1e-5, rtol=1e-5)
+        requantized = lk.merge(model)
+        assert quantized_kinds(requantized) == {"bnb4bit"} and len(merge_drift(requantized).drift) == 14
 
 
 @pytest.mark.parametrize("case", EXCLUDED)

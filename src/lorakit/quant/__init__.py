@@ -17,6 +17,7 @@ from lorakit import layers as L
 from lorakit.errors import ConfigError, TargetError
 from lorakit.layers._wrapper import WRAPPERS
 from lorakit.quant._api import QUANTS, QuantSpec, get_quant, register_quant
+from lorakit.quant._merge import MergeDrift
 from lorakit.registry import import_entries
 
 import_entries(__name__, __path__)
@@ -91,4 +92,10 @@ def quantized_kinds(model: nn.Module) -> set[str]:
     return {L.kind_of(m).name for m in model.modules() if L.kind_of(m) is not None and L.is_quantized(m)}  # type: ignore[union-attr]
 
 
-__all__ = ["QUANTS", "QuantSpec", "dequantize", "get_quant", "quantize", "quantized_kinds", "register_quant"]
+def merge_drift(merged: nn.Module) -> MergeDrift | None:
+    """The drift report ``lk.merge`` left on a model merged onto a quantized base, or None."""
+    return merged.__dict__.get("lorakit_merge_drift")
+
+
+__all__ = ["QUANTS", "MergeDrift", "QuantSpec", "dequantize", "get_quant", "merge_drift", "quantize"]
+__all__ += ["quantized_kinds", "register_quant"]
