@@ -104,3 +104,16 @@ def test_lorakit_works_without_bitsandbytes_and_says_how_to_get_it():
     code = "import sys, lorakit.layers, lorakit.methods, lorakit.quant; print('bitsandbytes' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_an_nf4_adapter_loads_onto_the_full_precision_base_with_a_note(tmp_path):
+    model = lk.attach(lk.quantize(tiny_llama(), "nf4"), lk.method_config("lora", r=2))
+    lk.save_adapter(model, tmp_path / "a")
+    with pytest.warns(UserWarning, match=r"^note: .* trained on a quantized base \(bnb4bit\); it loads onto this"):
+        loaded = lk.load_adapter(tiny_llama(), tmp_path / "a")
+    assert lk.adapter_names(loaded) == ["default"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.load_adapter(lk.quantize(tiny_llama(), "nf4"), tmp_path / "a")  # onto a quantized base: no note

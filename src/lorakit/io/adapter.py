@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     tensors.update({key: t.detach().contiguous().cpu() for key, t in _saved_state(model, name).items()})
     tensors.update({key: t.detach().contiguous().cpu() for key, (_, t) in _shared_state(model, name).items()})
     modules = [m for m in info.modules if m in module_cfgs]
-    kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}  # type: ignore[arg-type]
+    bases: list[Any] = [model.get_submodule(m).base_layer for m in modules]
+    kinds = {L.layer_kind(b) for b in bases}
     rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
     alpha_pattern = {
         m: c.alpha for m, c in module_cfgs.items() if getattr(c, "alpha", None) != getattr(cfg, "alpha", None)
@@ -146,6 +148,9 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         "modules": modules,
         "base_fingerprint": prints if prints is not None else base_fingerprint(model, modules),
     }
+    quantized = sorted({kind.name for b in bases if (kind := L.kind_of(b)) is not None and kind.quantized})
+    if quantized:  # trained on a quantized base (QLoRA): said again when it loads onto a full-precision one
+        block["base_quantization"] = quantized
     if spec.adapter.peft_type is None:  # PEFT cannot load it anyway: the config names the method
         config["lorakit"] = block
     metadata = {"format": "pt", "lorakit": json.dumps(block)}  # PEFT ignores safetensors metadata
@@ -336,7 +341,21 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
         delete_adapter(model, name)
         set_active(model, previous)
         raise
+    _note_quantization(block, model, modules, path)
     return model
+
+
+def _note_quantization(block: dict[str, Any], model: nn.Module, modules: list[str], path: Path) -> None:
+    """One line when an adapter trained on a quantized base (QLoRA) loads onto a full-precision one: allowed,
+    but its outputs differ from the ones it trained with by the base's quantization error."""
+    trained_on = block.get("base_quantization")
+    names = dict(logical_modules(model))
+    if trained_on and not any(L.is_quantized(names[m]) for m in modules if m in names):
+        warnings.warn(
+            f"note: {path} was trained on a quantized base ({', '.join(trained_on)}); it loads onto this "
+            "full-precision base, whose outputs differ by the quantization error (lk.quantize the base to match).",
+            stacklevel=3,
+        )
 
 
 def _drop_saved_embeddings(tensors: dict[str, torch.Tensor], model: nn.Module, file: Path) -> None:
