@@ -117,3 +117,14 @@ def test_an_nf4_adapter_loads_onto_the_full_precision_base_with_a_note(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lk.load_adapter(lk.quantize(tiny_llama(), "nf4"), tmp_path / "a")  # onto a quantized base: no note
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_lora_trains_on_every_kind(kind):
+    model = lk.attach(lk.quantize(tiny_llama(), kind), lk.method_config("lora", r=2, alpha=4))
+    x = tokens()
+    model.train()
+    model(x, labels=x).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert len(grads) == 28 and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
