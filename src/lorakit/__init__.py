@@ -36,6 +36,8 @@ _LAZY = {
     "load_adapter": "lorakit.io",
     "save_adapter": "lorakit.io",
     "load_base": "lorakit.models",
+    "quantize": "lorakit.quant",
+    "dequantize": "lorakit.quant",
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from lorakit.io import load_adapter, save_adapter
     from lorakit.methods import REGISTRY, method_config
     from lorakit.models import load_base
+    from lorakit.quant import dequantize, quantize
 
 
 def __getattr__(name: str) -> Any:
@@ -74,6 +77,7 @@ __all__ = [
     "analyze",
     "attach",
     "delete_adapter",
+    "dequantize",
     "disabled",
     "load_adapter",
     "load_base",
@@ -81,6 +85,7 @@ __all__ = [
     "merge_adapters",
     "method_config",
     "methods",
+    "quantize",
     "save_adapter",
     "set_active",
 ]

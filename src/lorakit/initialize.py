@@ -33,6 +33,12 @@ def init_name(cfg: Any) -> str | None:
     return str(cfg.init)
 
 
+def rebuilds_base(cfg: Any) -> bool:
+    """Whether loading a saved ``cfg`` reruns its init option to rebuild the base it replaced (LoftQ's Q)."""
+    init = init_name(cfg)
+    return init is not None and get_init(init).replaces_base
+
+
 def needs_calibration(spec: MethodSpec, cfg: Any) -> bool:
     """Whether attaching ``cfg`` reads calibration batches (its method's own init or its init option)."""
     init = init_name(cfg)
@@ -131,3 +137,7 @@ def _set(base: nn.Module, adapter: AdapterModule, result: InitFactors, init: str
         shift = LoraFactors(A.detach().float().clone(), B.detach().float().clone(), adapter.scale)
         L.subtract(base, shift)
         adapter.init_shift = shift
+    if result.base is not None:
+        norm = float(L.weight_out_in(base).detach().float().norm())
+        L.assign(base, result.base)
+        adapter.init_base_norm = norm

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from lorakit.initialize import check_init, init_name, needs_calibration, run_ini
 from lorakit.io.peft_format import check_adapter_name, name_matches, pattern_value
 from lorakit.layers._wrapper import WRAPPERS, AdaptedLayer, SavedModule, disabled, holders
 from lorakit.methods._api import AdapterModule, MethodSpec, spec_of_config
+from lorakit.quant._merge import MODES as MERGE_MODES
+from lorakit.quant._merge import MergeDrift, logit_drift, merge_layer
 
 Targets = str | Sequence[str]
 LINEAR_FAMILIES = ("linear", "conv1d")  # what "all-linear" selects (every kind of those families)
@@ -342,27 +345,34 @@ def _merge_bias(base: nn.Module, adapter: AdapterModule) -> None:
         base.bias = nn.Parameter(new, requires_grad=False)
 
 
-def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def merge(
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    quantized: str = "requantize",
+    calibration: torch.Tensor | None = None,
+    drift_threshold: float = 0.5,
+) -> nn.Module:
     """A plain model (no wrappers) whose weights include the active adapter's delta and saved modules.
 
     By default the input model is left as it was (the merge works on a deep copy); with
     ``inplace=True`` the model itself is rewritten (no extra memory, not reversible).
+
+    A quantized base layer (``lk.quantize``) gets W_q + ΔW quantized again with its own kind
+    (``quantized="requantize"``) or stored dense in an nn.Linear (``"dequantize"``, exact). Either way the
+    merged model carries a drift report (``lorakit.quant.merge_drift(merged)``): per layer
+    ‖W_merged_q − (W_q + ΔW)‖_F and its ratio to ‖ΔW‖_F, and, given ``calibration`` input ids (B, T), the
+    max |Δlogit| and mean KL between the unmerged adapter and the merged model. Layers whose ratio exceeds
+    ``drift_threshold`` are named in a warning.
     """
+    if quantized not in MERGE_MODES:
+        raise ConfigError(f"quantized must be one of {', '.join(MERGE_MODES)}, got {quantized!r}.")
+    quantized_base = any(L.is_quantized(w.base_layer) for _, w in wrappers(model))
+    reference = _logits(model, calibration) if quantized_base and calibration is not None else None
     out = model if inplace else copy.deepcopy(model)
+    report = MergeDrift(quantized, threshold=drift_threshold)
     for module_name, wrapper in list(wrappers(out)):
-        base: Any = wrapper.base_layer
-        if wrapper.active is not None and wrapper.active in wrapper.adapters:
-            adapter: AdapterModule = wrapper.adapters[wrapper.active]  # type: ignore[assignment]
-            spec = adapter_info(out, wrapper.active).spec
-            if not spec.mergeable:
-                raise ConfigError(f"method {spec.name!r} cannot be merged exactly into the base weights.")
-            with torch.no_grad():
-                delta = adapter.delta_weight(base)  # base layout
-                merged = base.weight + delta.to(base.weight.dtype)
-            _untie(out, base.weight)
-            base.weight = nn.Parameter(merged, requires_grad=False)
-            _merge_bias(base, adapter)
-        _replace(out, module_name, base)
+        _replace(out, module_name, _merged_base(out, module_name, wrapper, report))
     for module_name, holder in list(saved_modules(out)):
         replacement = holder.current()
         if replacement is not holder.base_layer:
@@ -371,4 +381,45 @@ def merge(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             replacement.requires_grad_(False)
         _replace(out, module_name, replacement)
     out.__dict__.pop("_lorakit_adapters", None)
+    if report.drift:
+        if reference is not None and calibration is not None:
+            report.max_abs_logit, report.kl = logit_drift(reference, _logits(out, calibration))
+        out.__dict__["lorakit_merge_drift"] = report
+        if report.over():
+            names = report.over()
+            warnings.warn(
+                f"merging onto the quantized base lost more than {drift_threshold:g}·‖ΔW‖ to re-quantization in "
+                f"{len(names)} layer(s): {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}. "
+                "Merge with quantized='dequantize' to keep W_q + ΔW exactly.",
+                stacklevel=2,
+            )
     return out
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(ids)
+    return getattr(result, "logits", result)
+
+
+def _merged_base(out: nn.Module, module_name: str, wrapper: AdaptedLayer, report: MergeDrift) -> nn.Module:
+    """The wrapper's base layer with its active adapter folded in (a quantized base: a new layer, drift recorded)."""
+    base: Any = wrapper.base_layer
+    if wrapper.active is None or wrapper.active not in wrapper.adapters:
+        return base
+    adapter: AdapterModule = wrapper.adapters[wrapper.active]  # type: ignore[assignment]
+    spec = adapter_info(out, wrapper.active).spec
+    if not spec.mergeable:
+        raise ConfigError(f"method {spec.name!r} cannot be merged exactly into the base weights.")
+    with torch.no_grad():
+        delta = adapter.delta_weight(base)  # base layout
+    if L.is_quantized(base):  # (out, in): a quantized kind's own layout
+        merged, drift, norm = merge_layer(base, delta, adapter.delta_bias(), report.mode)
+        report.drift[module_name], report.relative[module_name] = drift, drift / max(norm, 1e-30)
+        return merged
+    with torch.no_grad():
+        weight = base.weight + delta.to(base.weight.dtype)
+    _untie(out, base.weight)
+    base.weight = nn.Parameter(weight, requires_grad=False)
+    _merge_bias(base, adapter)
+    return base

@@ -47,7 +47,7 @@ class TransposedLinear(nn.Module):
 def transposed_kind():
     @register_kind
     class Transposed:
-        name, family, types = "transposed_linear", "linear", (TransposedLinear,)
+        name, family, types, quantized = "transposed_linear", "linear", (TransposedLinear,), False
         dims = staticmethod(lambda base: (base.weight.shape[0], base.weight.shape[1]))
         weight_out_in = staticmethod(lambda base: base.weight.T)
         to_base_layout = staticmethod(lambda base, delta: delta.T)

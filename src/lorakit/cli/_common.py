@@ -14,6 +14,10 @@ from rich.text import Text
 from lorakit.errors import LorakitError
 
 F = TypeVar("F", bound=Callable[..., Any])
+QUANTIZE_HELP = (
+    "Quantize the base's Linear layers (not the output head) as it loads: nf4 or fp4 (4-bit) or int8, "
+    "through bitsandbytes (pip install 'lorakit\\[quant]'). Adapters train and run on top of it (QLoRA)."
+)  # (\\[ : a literal bracket in rich's help markup)
 
 out = Console(highlight=False)  # results: stdout
 err = Console(stderr=True, highlight=False)  # progress, status and errors: stderr

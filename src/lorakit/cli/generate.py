@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from lorakit.cli._common import err, friendly_errors
+from lorakit.cli._common import QUANTIZE_HELP, err, friendly_errors
 from lorakit.errors import ConfigError
 from lorakit.train.data import pad_id
 
@@ -40,6 +40,7 @@ def greedy(model: Any, tok: Any, prompt: str, *, chat: bool, max_new_tokens: int
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (one user turn when --chat).")],
     base: Annotated[str, typer.Option(help="Bundled base model name or local checkpoint dir.")] = "smollm2-135m",
+    quantize: Annotated[str | None, typer.Option(help=QUANTIZE_HELP)] = None,
     adapter: Annotated[
         Path | None, typer.Option(help="Adapter dir to apply; without it the base model answers.")
     ] = None,
@@ -55,7 +56,7 @@ def generate(
     import lorakit as lk
 
     with err.status(f"loading {base}" + (f" + {adapter}" if adapter else "")):
-        model, tok = lk.load_base(base)
+        model, tok = lk.load_base(base, quantize=quantize)
         if adapter is not None:
             lk.load_adapter(model, adapter)
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat

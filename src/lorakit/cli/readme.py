@@ -81,7 +81,8 @@ def inits_table() -> str:
     for spec in sorted(INITS.values(), key=lambda s: s.name):
         options = ", ".join(f"`{f.name}`" for f in dataclasses.fields(spec.options)) or "—"
         cells = [f"`{spec.name}`", f"[{spec.paper}]({spec.url})", ", ".join(f"`{m}`" for m in spec.methods)]
-        cells += [", ".join(spec.layers), yes(spec.calibration), yes(spec.shifts_base), yes(spec.identity_at_init)]
+        base = "replaced (rebuilt on load)" if spec.replaces_base else yes(spec.shifts_base)
+        cells += [", ".join(spec.layers), yes(spec.calibration), base, yes(spec.identity_at_init)]
         lines.append("| " + " | ".join([*cells, options]) + " |")
     return "\n".join(lines)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from lorakit.cli._common import err, friendly_errors
+from lorakit.cli._common import QUANTIZE_HELP, err, friendly_errors
 from lorakit.errors import ConfigError
 
 Opt = typer.Option
@@ -28,6 +28,7 @@ def _loopback(host: str) -> bool:
 def serve(
     adapters: Annotated[Path, Opt(help="Folder of adapter dirs: each subfolder is served under its name.")],
     base: Annotated[str, Opt(help="Bundled base model name or local checkpoint dir.")] = "smollm2-135m",
+    quantize: Annotated[str | None, Opt(help=QUANTIZE_HELP)] = None,
     host: Annotated[str, Opt(help="Address to bind (loopback by default; anything else is reachable).")] = "127.0.0.1",
     port: Annotated[int, Opt(min=0, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[
@@ -72,7 +73,13 @@ def serve(
         reach = "anyone who can reach this machine" + ("" if api_key else " (no --api-key set!)")
         err.print(f"[yellow]warning:[/] binding {host} exposes the server to {reach}.", soft_wrap=True)
     with err.status(f"loading {base}"):
-        engine = Engine(base, max_slots=max_slots, max_batch=max_batch, state_dir=adapters / STATE_DIR)
+        model: Any = base
+        tok: Any = None
+        if quantize is not None:
+            import lorakit as lk
+
+            model, tok = lk.load_base(base, quantize=quantize)
+        engine = Engine(model, tok, max_slots=max_slots, max_batch=max_batch, state_dir=adapters / STATE_DIR)
     with err.status(f"registering the adapters in {adapters}"):
         _, skipped = register_adapter_dir(engine, adapters, allow_any_path=allow_any_path)
         for path in collection or []:

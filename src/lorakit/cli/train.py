@@ -15,7 +15,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from lorakit.cli._common import err, friendly_errors
+from lorakit.cli._common import QUANTIZE_HELP, err, friendly_errors
 from lorakit.cli._common import out as console
 from lorakit.errors import ConfigError
 from lorakit.train.callbacks import callback_names
@@ -33,6 +33,7 @@ RUN_FIELDS = (
     "packing",
     "chat",
     "init_batches",
+    "quantize",
 )
 
 
@@ -94,6 +95,7 @@ def train(
     out: Annotated[Path | None, Opt(help="Output adapter dir (also holds metrics.jsonl, loss_curve.png).")] = None,
     config: Annotated[Path | None, Opt(help="YAML file with any of these options.")] = None,
     base: Annotated[str | None, Opt(help="Bundled base name or local checkpoint dir (default smollm2-135m).")] = None,
+    quantize: Annotated[str | None, Opt(help=QUANTIZE_HELP)] = None,
     method: Annotated[str | None, Opt(help="Registered method name (default lora).")] = None,
     r: Annotated[int | None, Opt(help="Adapter rank (methods with an r option).")] = None,
     alpha: Annotated[float | None, Opt(help="Adapter alpha (methods with an alpha option).")] = None,
@@ -180,6 +182,7 @@ def train(
 def evaluate(
     adapter: Annotated[Path | None, Opt(help="Adapter dir; without it the base model is evaluated.")] = None,
     base: Annotated[str, Opt(help="Bundled base name or local checkpoint dir.")] = "smollm2-135m",
+    quantize: Annotated[str | None, Opt(help=QUANTIZE_HELP)] = None,
     task: Annotated[str | None, Opt(help="Built-in task (held-out split): exact match and loss.")] = None,
     data: Annotated[
         Path | None, Opt(help="JSONL file: loss and perplexity (and exact match for prompt/completion).")
@@ -202,7 +205,7 @@ def evaluate(
             f"{data} holds text/label (classification) records, which `lorakit eval` does not score yet; "
             "`lorakit train` reports their held-out accuracy in train_report.json."
         )
-    model, tok = lk.load_base(base)
+    model, tok = lk.load_base(base, quantize=quantize)
     if adapter is not None:
         lk.load_adapter(model, adapter)
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat

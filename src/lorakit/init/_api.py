@@ -56,6 +56,7 @@ class InitFactors:
     B: torch.Tensor
     shift: bool = False  # True: W ← W − s·B·A, so the model's outputs are unchanged (PiSSA, LoRA-GA)
     alpha: float | None = None  # a new scaling numerator for this module (EVA keeps α/r when r changes)
+    base: torch.Tensor | None = None  # a new base weight (out, in) that replaces W (LoftQ's quantized Q), or None
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class InitSpec:
     paper: str
     url: str
     peft: Callable[[Any], dict[str, Any]]  # adapter_config.json fields (init_lora_weights, eva_config, ...)
+    replaces_base: bool = False  # puts another matrix in place of W (LoftQ's Q), recomputed from W on load
+    reload: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None  # config fields -> options to rerun
 
 
 INITS: dict[str, InitSpec] = {}
@@ -90,11 +93,16 @@ def register_init(
     shifts_base: bool = False,
     identity_at_init: bool = True,
     peft: Callable[[Any], dict[str, Any]] | None = None,
+    replaces_base: bool = False,
+    reload: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> Callable[[Callable[[InitContext, Any], dict[str, InitFactors]]], Callable[[InitContext, Any], Any]]:
     """Function decorator that adds an init to :data:`INITS` under ``name``.
 
     ``peft(options)`` gives the adapter_config.json fields PEFT uses for this init (by default
-    ``{"init_lora_weights": name}``), so PEFT loads the saved dirs.
+    ``{"init_lora_weights": name}``), so PEFT loads the saved dirs. ``replaces_base``: the init puts another
+    matrix in place of W (its ``InitFactors.base``), and a saved dir holds A, B relative to it; ``reload(fields)``
+    then gives the options to rerun the init with when a dir's adapter_config.json names it (None: it does not),
+    so loading onto the original base rebuilds that matrix first, as PEFT does.
     """
 
     def wrap(fn: Callable[[InitContext, Any], dict[str, InitFactors]]) -> Callable[[InitContext, Any], Any]:
@@ -102,8 +110,9 @@ def register_init(
             raise TypeError(f"init {name!r}: its options {options.__name__} must be a frozen dataclass")
         fields = peft or (lambda _: {"init_lora_weights": name})
         spec = InitSpec(
-            name, fn, options, methods, layers, calibration, shifts_base, identity_at_init, paper, url, fields
-        )
+            name, fn, options, methods, layers, calibration, shifts_base, identity_at_init, paper, url, fields,
+            replaces_base, reload,
+        )  # fmt: skip
         add_entry(INITS, "init", name, spec, same=name in INITS and INITS[name].fn is fn)
         return fn
 
@@ -152,6 +161,17 @@ def check_config(cfg: Any) -> None:
     init_options(cfg.init, dict(cfg.init_options))
     if cfg.init not in BUILTIN and (getattr(cfg, "train_only", None) or getattr(cfg, "lora_bias", False)):
         raise ConfigError(f"init={cfg.init!r} sets A and B itself; it does not combine with train_only or lora_bias.")
+
+
+def config_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The ``init`` (and ``init_options``) of an A/B method config read back from an adapter_config.json: an init
+    whose base the loader must rebuild (``reload``: LoftQ) with its options, 'gaussian' for PEFT's gaussian, else
+    'default' (the saved A and B are the init's result)."""
+    for spec in INITS.values():
+        options = spec.reload(fields) if spec.reload is not None else None
+        if options is not None:
+            return {"init": spec.name, "init_options": options}
+    return {"init": "gaussian" if fields.get("init_lora_weights") == "gaussian" else "default"}
 
 
 def peft_fields(cfg: Any) -> dict[str, Any]:

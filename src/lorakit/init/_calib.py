@@ -8,7 +8,7 @@ compute what an init needs from the BASE model (every adapter disabled, eval mod
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -124,13 +124,20 @@ def full_gradients(
 
     The loss is the model's own (``model(**batch).loss``: causal-LM cross-entropy, labels = -100
     ignored). Adapters are disabled and dropout is off; ``requires_grad`` is restored and no
-    ``.grad`` is left behind (gradients come from ``torch.autograd.grad``).
+    ``.grad`` is left behind (gradients come from ``torch.autograd.grad``). A quantized base (whose codes
+    cannot require grad) gets a zero probe Z (out, in) added as y + Z·x, so ∇_Z = ∇_W = Σ gᵀx.
     """
     bases = {m: base_layer(model, m) for m in modules}
-    weights: list[torch.Tensor] = [b.weight for b in bases.values()]  # type: ignore[misc]
-    flags = [w.requires_grad for w in weights]
     device = _device(model)
+    probes = {
+        m: torch.zeros(L.weight_out_in(b).shape, device=device, requires_grad=True)
+        for m, b in bases.items()
+        if L.is_quantized(b)
+    }
+    weights: list[torch.Tensor] = [probes.get(m, b.weight) for m, b in bases.items()]  # type: ignore[arg-type]
+    flags = [w.requires_grad for w in weights]
     grads = {m: torch.zeros(L.weight_out_in(b).shape, dtype=torch.float32, device=device) for m, b in bases.items()}
+    hooks = [bases[m].register_forward_hook(_probe(z)) for m, z in probes.items()]
     try:
         with _base_eval(model), torch.enable_grad():
             for w in weights:
@@ -142,11 +149,18 @@ def full_gradients(
                 parts = torch.autograd.grad(loss, weights, allow_unused=True)
                 for (m, b), g in zip(bases.items(), parts, strict=True):
                     if g is not None:
-                        grads[m] += L.to_base_layout(b, g.float()) / len(batches)  # (out, in)
+                        grads[m] += (g.float() if m in probes else L.to_base_layout(b, g.float())) / len(batches)
     finally:
+        for hook in hooks:
+            hook.remove()
         for w, flag in zip(weights, flags, strict=True):
             w.requires_grad_(flag)
     return grads
+
+
+def _probe(Z: torch.Tensor) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+    """A forward hook returning y + Z·x (Z = 0, so the value is unchanged and ∇_Z is the weight gradient)."""
+    return lambda module, args, y: y + torch.nn.functional.linear(args[0].to(Z.dtype), Z).to(y.dtype)
 
 
 def input_activations(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import nn
 import lorakit
 from lorakit import layers as L
 from lorakit.errors import AdapterFormatError, ConfigError, LorakitError, TargetError
+from lorakit.init._api import config_fields
+from lorakit.initialize import rebuilds_base
 from lorakit.inject import (
     AdaptedLayer,
     active_adapter,
@@ -72,13 +75,19 @@ def _target_modules_field(model: nn.Module, modules: list[str]) -> list[str] | s
     return "(" + "|".join(re.escape(m) for m in modules) + ")"
 
 
+def weight_norm(base: nn.Module) -> float:
+    """‖W‖_F of a base layer, read through its kind (a quantized layer's dequantized weight)."""
+    weight: Any = L.weight_out_in(base) if L.kind_of(base) is not None else base.weight
+    return float(weight.detach().float().norm())
+
+
 def base_fingerprint(model: nn.Module, modules: list[str], n: int = 4) -> dict[str, float]:
     """Frobenius norms of a few targeted base weights: cheap, and dtype-robust to ~1e-3."""
     out = {}
     for name in modules[:n]:
         module = model.get_submodule(name)
         base: Any = module.base_layer if isinstance(module, AdaptedLayer) else module
-        out[name] = float(base.weight.detach().float().norm())
+        out[name] = weight_norm(base)
     return out
 
 
@@ -95,6 +104,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     states = {m: a.export_state() for m, a in adapters.items()}
     module_cfgs = {m: a.config for m, a in adapters.items()}
     prints = None
+    if any(a.init_base_norm is not None for a in adapters.values()):  # the base was replaced: the original's norms
+        prints = {m: a.init_base_norm for m, a in list(adapters.items())[:4] if a.init_base_norm is not None}
     if any(a.base_shift() is not None for a in adapters.values()):
         if not foldable(adapters):
             return _save_relative_to_original(model, path, name)
@@ -107,7 +118,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     tensors.update({key: t.detach().contiguous().cpu() for key, t in _saved_state(model, name).items()})
     tensors.update({key: t.detach().contiguous().cpu() for key, (_, t) in _shared_state(model, name).items()})
     modules = [m for m in info.modules if m in module_cfgs]
-    kinds = {L.layer_kind(model.get_submodule(m).base_layer) for m in modules}  # type: ignore[arg-type]
+    bases: list[Any] = [model.get_submodule(m).base_layer for m in modules]
+    kinds = {L.layer_kind(b) for b in bases}
     rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
     alpha_pattern = {
         m: c.alpha for m, c in module_cfgs.items() if getattr(c, "alpha", None) != getattr(cfg, "alpha", None)
@@ -136,6 +148,9 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
         "modules": modules,
         "base_fingerprint": prints if prints is not None else base_fingerprint(model, modules),
     }
+    quantized = sorted({kind.name for b in bases if (kind := L.kind_of(b)) is not None and kind.quantized})
+    if quantized:  # trained on a quantized base (QLoRA): said again when it loads onto a full-precision one
+        block["base_quantization"] = quantized
     if spec.adapter.peft_type is None:  # PEFT cannot load it anyway: the config names the method
         config["lorakit"] = block
     metadata = {"format": "pt", "lorakit": json.dumps(block)}  # PEFT ignores safetensors metadata
@@ -249,7 +264,7 @@ def config_from_fields(fields: dict[str, Any], where: Path) -> Any:
         except (ConfigError, TypeError) as e:
             raise AdapterFormatError(f"{where}: the 'lorakit' block is invalid: {e}") from e
     init = fields.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS) and config_fields(fields)["init"] != init:
         raise AdapterFormatError(
             f"{where}: init_lora_weights={init!r} means the adapter is relative to a rewritten (residual) base, "
             "so it would give wrong outputs on the original base. Re-save it with PEFT's "
@@ -285,7 +300,7 @@ def _modules_of(fields: dict[str, Any], block: dict[str, Any], model: nn.Module,
 def _check_base(fields: dict[str, Any], block: dict[str, Any], model: nn.Module, where: Path) -> None:
     prints = block.get("base_fingerprint") or {}
     names: dict[str, Any] = dict(logical_modules(model))  # a module it lacks is reported as missing keys below
-    norms = {m: float(names[m].weight.detach().float().norm()) for m in prints if hasattr(names.get(m), "weight")}
+    norms = {m: weight_norm(names[m]) for m in prints if hasattr(names.get(m), "weight")}
     fix = "Load it onto its own base, or pass check_base=False if you know the bases match."
     check_base_norms(where, prints, norms, base_name=fields.get("base_model_name_or_path"), fix=fix)
 
@@ -315,7 +330,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
             rank_pattern=fields.get("rank_pattern") or None,
             alpha_pattern=fields.get("alpha_pattern") or None,
             modules_to_save=fields.get("modules_to_save") or None,
-            initialize=False,  # the file holds the initialised (and trained) state
+            # the file holds the initialised (and trained) state; a replaced base (LoftQ's Q) is rebuilt from the
+            # original W by rerunning the init (A and B are overwritten next), unless the base is quantized: then
+            # it holds Q already (lk.quantize after LoftQ; at 4 bits and 1 iteration, NF4 of the original W is Q)
+            initialize=rebuilds_base(cfg) and not any(L.is_quantized(_base(model, m)) for m in modules),
         )
     except TargetError as e:
         raise AdapterFormatError(f"{path / CONFIG_NAME}: its target modules do not fit this base: {e}") from e
@@ -325,7 +343,26 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
         delete_adapter(model, name)
         set_active(model, previous)
         raise
+    _note_quantization(block, model, modules, path)
     return model
+
+
+def _base(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def _note_quantization(block: dict[str, Any], model: nn.Module, modules: list[str], path: Path) -> None:
+    """One line when an adapter trained on a quantized base (QLoRA) loads onto a full-precision one: allowed,
+    but its outputs differ from the ones it trained with by the base's quantization error."""
+    trained_on = block.get("base_quantization")
+    names = dict(logical_modules(model))
+    if trained_on and not any(L.is_quantized(names[m]) for m in modules if m in names):
+        warnings.warn(
+            f"note: {path} was trained on a quantized base ({', '.join(trained_on)}); it loads onto this "
+            "full-precision base, whose outputs differ by the quantization error (lk.quantize the base to match).",
+            stacklevel=3,
+        )
 
 
 def _drop_saved_embeddings(tensors: dict[str, torch.Tensor], model: nn.Module, file: Path) -> None:

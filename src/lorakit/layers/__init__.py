@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import TargetError
-from lorakit.layers._api import KINDS, LayerKind, kind_of, register_kind
+from lorakit.layers._api import KINDS, LayerKind, kind_of, register_kind, types_of
 from lorakit.lowrank import LoraFactors
 from lorakit.registry import import_entries
 
@@ -21,14 +21,14 @@ import_entries(__name__, __path__)
 
 def supported_types() -> tuple[type[nn.Module], ...]:
     """The module classes some registered kind reads."""
-    return tuple(t for k in KINDS.values() for t in k.types)
+    return tuple(t for k in KINDS.values() for t in types_of(k))
 
 
 def _kind(base: nn.Module, name: str = "") -> type[LayerKind]:
     kind = kind_of(base)
     if kind is None:
         where = f"module {name!r}" if name else "a target module"
-        supported = ", ".join(f"{t.__module__}.{t.__name__}" for k in KINDS.values() for t in k.types)
+        supported = ", ".join(f"{t.__module__}.{t.__name__}" for t in supported_types())
         raise TargetError(
             f"{where} is a {type(base).__module__}.{type(base).__name__}, which lorakit adapters cannot wrap; "
             f"supported types are {supported}. Narrow `targets` or add the module to `exclude`."
@@ -71,13 +71,38 @@ def base_bias(base: nn.Module) -> torch.Tensor | None:
     return _kind(base).base_bias(base)
 
 
+def is_quantized(base: nn.Module) -> bool:
+    """Whether the layer is of a registered kind that stores its weight quantized (nothing can be written into it)."""
+    kind = kind_of(base)
+    return kind is not None and kind.quantized
+
+
+def require_dense(base: nn.Module, what: str) -> None:
+    """A TargetError when ``base`` is quantized: ``what`` (merging, an init that rewrites the base) needs W itself."""
+    if is_quantized(base):
+        raise TargetError(
+            f"{what} writes into the base weight, but this {_kind(base).name} layer holds it quantized. Do it on the "
+            "full-precision model and quantize after (lk.quantize(model, kind)), or lk.dequantize(model) first."
+        )
+
+
 def subtract(base: nn.Module, shift: LoraFactors) -> None:
     """base.weight ← W − scale·B @ A (a residual base), computed in float32, stored in the weight's dtype and layout."""
+    require_dense(base, "an init that moves s·B·A out of the base")
     weight: torch.Tensor = base.weight  # type: ignore[assignment]
     with torch.no_grad():
         delta = shift.scale * (shift.B.float() @ shift.A.float())  # (out, in)
         weight.copy_((weight.float() - to_base_layout(base, delta)).to(weight.dtype))
 
 
-__all__ = ["KINDS", "LayerKind", "base_bias", "base_linear", "dims", "kind_of", "layer_kind"]
-__all__ += ["project_in", "register_kind", "subtract", "supported_types", "to_base_layout", "weight_out_in"]
+def assign(base: nn.Module, W: torch.Tensor) -> None:
+    """base.weight ← W (an (out, in) matrix), stored in the weight's dtype and layout (LoftQ's new base Q)."""
+    require_dense(base, "an init that replaces the base weight")
+    weight: torch.Tensor = base.weight  # type: ignore[assignment]
+    with torch.no_grad():
+        weight.copy_(to_base_layout(base, W.to(weight.device)).to(weight.dtype))
+
+
+__all__ = ["KINDS", "LayerKind", "base_bias", "base_linear", "dims", "is_quantized", "kind_of", "layer_kind"]
+__all__ += ["project_in", "register_kind", "require_dense", "subtract", "supported_types", "to_base_layout"]
+__all__ += ["assign", "types_of", "weight_out_in"]

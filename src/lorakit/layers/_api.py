@@ -8,6 +8,8 @@ layout, and how a projection A (r, in) applies to its input. Methods call only t
 
 from __future__ import annotations
 
+import sys
+from functools import reduce
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
@@ -24,8 +26,13 @@ class LayerKind(Protocol):
     family: ClassVar[str]
     """The layer kind methods list in ``@register(layers=...)``: a quantized or re-laid-out Linear is in the
     'linear' family, so every method that wraps Linear layers wraps it too, through this kind's readers."""
-    types: ClassVar[tuple[type[nn.Module], ...]]
-    """The module classes of this kind (subclasses match too)."""
+    types: ClassVar[tuple[type[nn.Module] | str, ...]]
+    """The module classes of this kind (subclasses match too); a class of an optional backend is named as
+    ``"module:QualName"`` (e.g. ``"bitsandbytes.nn.modules:Linear4bit"``), so registering the kind imports
+    nothing: it matches once that module is imported (no instance of its classes can exist before)."""
+    quantized: ClassVar[bool]
+    """The weight is stored quantized: ``weight_out_in`` dequantizes it (a new tensor), and nothing can be
+    written into it (merging or an init that rewrites the base needs the full-precision model)."""
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
@@ -71,13 +78,26 @@ def register_kind(cls: K) -> K:
     return cls
 
 
+def types_of(kind: type[LayerKind]) -> tuple[type[nn.Module], ...]:
+    """The classes of ``kind`` that exist now: its classes, and those it names whose module is imported."""
+    found: list[Any] = []
+    for t in kind.types:
+        if isinstance(t, str):
+            module, _, qualname = t.partition(":")
+            if module in sys.modules:
+                found.append(reduce(getattr, qualname.split("."), sys.modules[module]))
+        else:
+            found.append(t)
+    return tuple(found)
+
+
 def kind_of(base: nn.Module) -> type[LayerKind] | None:
     """The registered kind of ``base`` (exact class first, then the first kind it subclasses), or None."""
     t = type(base)
     try:
         return _BY_TYPE[t]
     except KeyError:
-        exact = [k for k in KINDS.values() if t in k.types]
-        found = exact[0] if exact else next((k for k in KINDS.values() if issubclass(t, k.types)), None)
-        _BY_TYPE[t] = found
+        exact = [k for k in KINDS.values() if t in types_of(k)]
+        found = exact[0] if exact else next((k for k in KINDS.values() if issubclass(t, types_of(k))), None)
+        _BY_TYPE[t] = found  # a named class's module is imported before any instance exists, so this stays right
         return found

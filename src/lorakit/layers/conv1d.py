@@ -15,6 +15,7 @@ class Conv1D:
     name = "conv1d"
     family = "conv1d"
     types = (HFConv1D,)
+    quantized = False
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

@@ -14,6 +14,7 @@ class Embedding:
     name = "embedding"
     family = "embedding"
     types = (nn.Embedding,)
+    quantized = False
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

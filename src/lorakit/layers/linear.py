@@ -14,6 +14,7 @@ class Linear:
     name = "linear"
     family = "linear"
     types = (nn.Linear,)
+    quantized = False
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

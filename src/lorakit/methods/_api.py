@@ -53,6 +53,9 @@ class AdapterModule(nn.Module, metaclass=abc.ABCMeta):
     """Trainable parameters of one group of tensors shared across layers, as a formula like ``params``."""
     init_shift: LoraFactors | None = None
     """Set by Core when an init option moved s·B₀·A₀ out of the base weight (the default ``base_shift``)."""
+    init_base_norm: float | None = None
+    """Set by Core when an init option replaced the base weight (LoftQ's Q): ‖W‖_F of the original W, which a
+    saved dir fingerprints (it loads onto the original W, from which the loader rebuilds the same Q)."""
 
     @classmethod
     @abc.abstractmethod

@@ -128,8 +128,20 @@ def base_dir(name: str) -> Path:
     raise BaseModelError(f"unknown bundled base {name!r}; bundled: {', '.join(BUNDLED)}.")
 
 
-def load_base(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for a bundled name or a local checkpoint dir, fully offline, in eval mode."""
+def load_base(
+    name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32, quantize: str | None = None
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a bundled name or a local checkpoint dir, fully offline, in eval mode.
+
+    ``quantize``: a quantization kind ('nf4', 'fp4', 'int8'; ``lorakit.quant``) applied to every Linear
+    but the output head after loading (``lk.quantize``); None keeps the weights as loaded."""
+    if quantize is not None:
+        from lorakit.quant import get_quant
+        from lorakit.quant import quantize as quantize_model
+
+        get_quant(quantize)  # an unknown kind fails before the model loads
+        model, tok = load_base(name, dtype=dtype)
+        return quantize_model(model, quantize), tok
     if name in BUNDLED:
         hub_id = SMOLLM2_HUB_ID if name == "smollm2-135m" else MINILM_HUB_ID
         return _load_causal_or_encoder(base_dir(name), dtype, hub_id)

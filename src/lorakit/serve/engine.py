@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.inject import find_targets
 from lorakit.models.heads import contiguous_head
@@ -80,7 +81,10 @@ class Engine:
     # ---- adapters ------------------------------------------------------------------------------
 
     def _weight(self, module: str) -> torch.Tensor | None:
-        w = getattr(self.model.get_submodule(module), "weight", None)
+        layer = self.model.get_submodule(module)
+        if L.is_quantized(layer):  # a quantized base: its dequantized (out, in) weight
+            return L.weight_out_in(layer)
+        w = getattr(layer, "weight", None)
         if w is None or w.ndim != 2:
             return None
         # Conv1D (GPT-2) stores (in, out); the bank is (out, in)

@@ -48,6 +48,7 @@ class RunSpec:
     packing: bool = False
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     init_batches: int | None = None  # calibration batches for data-driven inits (None: 8 where a method needs data)
+    quantize: str | None = None  # a quantization kind (nf4, fp4, int8) for the base's Linear layers: QLoRA
 
     def __post_init__(self) -> None:
         if (self.task is None) == (self.data is None):
@@ -166,6 +167,8 @@ def _run_seqcls(
     method_cfg = lk.method_config(spec.method, **spec.method_options)
     names = label_names(rows)
     model, tok = _seqcls_base(spec.base, len(names), cfg.seed)
+    if spec.quantize is not None:  # the new head stays full precision (it trains whole)
+        lk.quantize(model, spec.quantize, skip=("classifier", "score"))
     held_rows, train_rows = _split(spec, rows, cfg.seed)
     records = encode_labelled(tok, train_rows, names, spec.max_len)
     held = encode_labelled(tok, held_rows, names, spec.max_len)
@@ -231,7 +234,7 @@ def run_training(
         if fmt == "text_label":
             return _run_seqcls(spec, cfg, rows, out_dir, resume=resume, progress=progress)
     method_cfg = lk.method_config(spec.method, **spec.method_options)
-    model, tok = lk.load_base(spec.base)
+    model, tok = lk.load_base(spec.base, quantize=spec.quantize)
     chat = bool(getattr(tok, "chat_template", None)) if spec.chat is None else spec.chat
     records, held_records, held = _data(spec, tok, chat, cfg.seed)
     report = RunReport(spec=asdict(spec), train=asdict(cfg))

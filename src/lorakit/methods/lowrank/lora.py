@@ -169,7 +169,7 @@ class Lora(AdapterModule):
     def lora_kwargs_from_peft(fields: dict[str, Any]) -> dict[str, Any]:
         d = {o: getattr(LoraConfig(), o) for o in PEFT_NAMES}
         kwargs = {o: type(d[o])(d[o] if fields.get(p) is None else fields[p]) for o, p in PEFT_NAMES.items()}
-        return kwargs | {"init": "gaussian" if fields.get("init_lora_weights") == "gaussian" else "default"}
+        return kwargs | inits.config_fields(fields)
 
     @staticmethod
     def config_from_peft(fields: dict[str, Any]) -> LoraConfig | None:

@@ -100,8 +100,8 @@ class Soka(AdapterModule):
             f"soka r={cfg.r} exceeds the Kronecker rank {bound} a {d_out}×{d_in} layer has with block={cfg.block}; "
             "lower r or change block.",
         )
-        weight: torch.Tensor = base.weight  # type: ignore[assignment]
-        A, B, S = kpsvd(L.weight_out_in(base), cfg.block, cfg.block)
+        weight = L.weight_out_in(base)  # (out, in); a quantized base's dequantized (float) weight
+        A, B, S = kpsvd(weight, cfg.block, cfg.block)
         k = cfg.r if cfg.energy is None else min(cfg.r, energy_rank(S, cfg.energy))
         return cls(cfg, A[:k].to(weight.dtype), B[:k].to(weight.dtype))
 

@@ -1,0 +1,58 @@
+"""bitsandbytes' 4-bit Linear (NF4, FP4): W stored as packed 4-bit codes + one absmax per block of 64.
+
+Read as a Linear (family "linear"): ``weight_out_in`` dequantizes (a new float tensor, not a view), the
+base forward runs through bitsandbytes, and nothing is written into the weight (``quantized``). bitsandbytes
+is imported only by whoever built the layer; this file imports it inside the readers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.layers._api import register_kind
+
+
+@register_kind
+class Bnb4bit:
+    name = "bnb4bit"
+    family = "linear"
+    types = ("bitsandbytes.nn.modules:Linear4bit",)
+    quantized = True
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        return int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+
+    @staticmethod
+    def weight_out_in(base: nn.Module) -> torch.Tensor:
+        bnbf = importlib.import_module("bitsandbytes.functional")
+        weight: Any = base.weight
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes repacked it for its AVX512 kernel
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+        return bnbf.dequantize_4bit(data, state).detach()  # (out, in)
+
+    @staticmethod
+    def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        return delta  # the dequantized weight's layout (nothing is ever added into the codes)
+
+    @staticmethod
+    def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(A.dtype), A)  # (..., r)
+
+    @staticmethod
+    def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x·Ŵᵀ through bitsandbytes, computed in the layer's compute dtype, returned in x's dtype."""
+        bnb = importlib.import_module("bitsandbytes")
+        weight: Any = base.weight  # bitsandbytes' Params4bit: packed codes, with its QuantState
+        compute: torch.dtype = getattr(base, "compute_dtype", None) or x.dtype
+        return bnb.matmul_4bit(x.to(compute), weight, quant_state=weight.quant_state).to(x.dtype)
+
+    @staticmethod
+    def base_bias(base: nn.Module) -> torch.Tensor | None:
+        return base.bias  # type: ignore[return-value]

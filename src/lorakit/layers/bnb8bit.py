@@ -1,0 +1,55 @@
+"""bitsandbytes' 8-bit Linear (LLM.int8()): W stored as int8 rows CB with one absmax per row (SCB).
+
+Read as a Linear (family "linear"): ``weight_out_in`` dequantizes (CB · SCB / 127, a new float tensor), the
+base forward runs through bitsandbytes, and nothing is written into the weight (``quantized``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.layers._api import register_kind
+
+
+@register_kind
+class Bnb8bit:
+    name = "bnb8bit"
+    family = "linear"
+    types = ("bitsandbytes.nn.modules:Linear8bitLt",)
+    quantized = True
+
+    @staticmethod
+    def dims(base: nn.Module) -> tuple[int, int]:
+        return int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+
+    @staticmethod
+    def weight_out_in(base: nn.Module) -> torch.Tensor:
+        bnbf = importlib.import_module("bitsandbytes.functional")
+        weight: Any = base.weight  # bitsandbytes' Int8Params: the int8 rows, with the row scales as .SCB
+        state: Any = base.state
+        scb = weight.SCB if weight.SCB is not None else state.SCB
+        return bnbf.int8_vectorwise_dequant(weight.data, scb).float()  # (out, in)
+
+    @staticmethod
+    def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    @staticmethod
+    def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(A.dtype), A)  # (..., r)
+
+    @staticmethod
+    def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x·Ŵᵀ through bitsandbytes (the layer's forward, its bias taken off again)."""
+        y = base(x)
+        bias = base.bias
+        return y if bias is None else y - bias.to(y.dtype)
+
+    @staticmethod
+    def base_bias(base: nn.Module) -> torch.Tensor | None:
+        return base.bias  # type: ignore[return-value]
