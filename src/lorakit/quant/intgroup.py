@@ -23,6 +23,9 @@ from lorakit.quant._api import register_quant
 class IntGroupLinear(nn.Module):
     """y = x·Ŵᵀ + b with Ŵ dequantized from ``weight`` (packed uint8 codes), ``scales`` and ``zeros`` (out, G)."""
 
+    scales: torch.Tensor  # (out, G) buffer
+    zeros: torch.Tensor  # (out, G) buffer
+
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, kind: str) -> None:
         super().__init__()
         if bits not in (2, 3, 4, 8) or group_size < 1 or group_size % (8 // bits if 8 % bits == 0 else 1):

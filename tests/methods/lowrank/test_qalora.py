@@ -5,6 +5,7 @@ GPTQ layer wrapper, here around our int4g layer) gives the same outputs from the
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -138,3 +139,39 @@ def test_saved_dir_is_peft_use_qalora_and_peft_qalora_forward_agrees(tmp_path):
     torch.testing.assert_close(logits(again, x), y, atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT's plain Linear ignores use_qalora
         peft.PeftModel.from_pretrained(tiny_llama(seed=3), str(tmp_path / "a"))
+
+
+def test_serving_a_mixed_batch_on_int4g_equals_each_adapter_alone(tmp_path):
+    from lorakit.serve.engine import Engine  # serving takes qalora through its exact to_lora form
+
+    base = lk.quantize(tiny_llama(seed=3), "int4g")
+    dirs = {}
+    for i, method in enumerate(("qalora", "lora")):
+        model = lk.attach(copy.deepcopy(base), lk.method_config(method, r=4, alpha=8), targets=TARGETS)
+        randomize_adapters(model, seed=10 + i, std=0.3)
+        dirs[method] = lk.save_adapter(model, tmp_path / method)
+    engine = Engine(copy.deepcopy(base))
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    names = ["qalora", None, "lora", "qalora"]
+    ids = torch.randint(0, 256, (len(names), 7), generator=torch.Generator().manual_seed(1))
+    got = engine.forward(ids, names)
+    for b, name in enumerate(names):
+        alone = copy.deepcopy(base) if name is None else lk.load_adapter(copy.deepcopy(base), dirs[name])
+        with torch.no_grad():
+            want = alone(ids[b : b + 1]).logits[0]
+        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_to_vllm_writes_the_exact_plain_lora(tmp_path):
+    from lorakit.io.export import export_vllm, vllm_problems
+
+    model, x = adapted(), tokens()
+    y = logits(model, x)
+    lk.save_adapter(model, tmp_path / "qalora")
+    assert any("use_qalora" in p for p in vllm_problems(tmp_path / "qalora"))
+    report = export_vllm([tmp_path / "qalora"], tmp_path / "out", base=lk.quantize(tiny_llama(seed=3), "int4g"))
+    assert report.methods == {"qalora": "qalora"} and vllm_problems(tmp_path / "out" / "qalora") == []
+    plain = lk.load_adapter(lk.quantize(tiny_llama(seed=3), "int4g"), tmp_path / "out" / "qalora")
+    assert {type(w.adapters["default"]).__name__ for _, w in wrappers(plain)} == {"Lora"}
+    torch.testing.assert_close(logits(plain, x), y, atol=1e-5, rtol=1e-5)
