@@ -21,7 +21,9 @@ from lorakit.quant._api import register_quant
 
 
 class IntGroupLinear(nn.Module):
-    """y = x·Ŵᵀ + b with Ŵ dequantized from ``weight`` (packed uint8 codes), ``scales`` and ``zeros`` (out, G)."""
+    """y = x·Ŵᵀ + b with Ŵ dequantized from ``weight`` (packed uint8 codes), ``scales`` and ``zeros`` (out, G).
+
+    A reference layer, not a fast kernel: the forward unpacks and dequantizes W at every call."""
 
     scales: torch.Tensor  # (out, G) buffer
     zeros: torch.Tensor  # (out, G) buffer
@@ -29,14 +31,16 @@ class IntGroupLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, kind: str) -> None:
         super().__init__()
         if bits not in (2, 3, 4, 8) or group_size < 1 or group_size % (8 // bits if 8 % bits == 0 else 1):
-            raise ConfigError(f"int group quantization needs bits in 2|3|4|8 and a group size that holds whole "
-                              f"bytes of codes, got bits={bits}, group_size={group_size}.")  # fmt: skip
+            raise ConfigError(
+                f"int group quantization needs bits in 2|3|4|8 and a group size that holds whole bytes of codes, "
+                f"got bits={bits}, group_size={group_size}."
+            )
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.quant_kind = kind  # the registered kind that made it: re-quantizing a merge uses the same one
         groups = -(-in_features // group_size)
         per = self.per_byte
-        self.weight = nn.Parameter(torch.zeros(out_features, groups * group_size // per, dtype=torch.uint8),
-                                   requires_grad=False)  # fmt: skip
+        packed = torch.zeros(out_features, groups * group_size // per, dtype=torch.uint8)  # (out, G·g / per)
+        self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("scales", torch.ones(out_features, groups))  # (out, G)
         self.register_buffer("zeros", torch.zeros(out_features, groups))  # (out, G), float: merges shift them
         self.bias: nn.Parameter | None = None
@@ -99,16 +103,16 @@ def absorb_zero_points(layer: nn.Module, delta: torch.Tensor, delta_bias: torch.
     per_group = delta[:, ::g].float()  # (out, G): each group's first column
     if not torch.equal(per_group.repeat_interleave(g, dim=1)[:, : layer.in_features], delta.float()):
         return None
-    merged = IntGroupLinear(layer.in_features, layer.out_features, bits=layer.bits, group_size=g,
-                            kind=layer.quant_kind).to(layer.scales.device)  # fmt: skip
+    merged = IntGroupLinear(layer.in_features, layer.out_features, bits=layer.bits, group_size=g, kind=layer.quant_kind)
+    merged = merged.to(layer.scales.device)
     merged.weight.data = layer.weight.detach().clone()
     merged.scales = layer.scales.detach().clone()
     merged.zeros = (layer.zeros.float() - per_group / layer.scales.float()).to(layer.zeros.dtype)
-    bias = layer.bias
+    bias, dtype = layer.bias, layer.scales.dtype if layer.bias is None else layer.bias.dtype
     if delta_bias is not None:
         bias = delta_bias.detach().float() + (0 if bias is None else bias.detach().float())  # type: ignore[assignment]
     if bias is not None:
-        merged.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        merged.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
     return merged.train(layer.training)
 
 
