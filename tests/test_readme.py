@@ -119,7 +119,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
 def test_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write out/adapter relative to the working dir
     snippets = [b for b in blocks("python") if "@register(" not in b]  # the method outline is a template
-    assert len(snippets) == 8
+    assert len(snippets) == 9
     namespace: dict = {}
     try:
         for code in snippets:  # one namespace: later snippets continue the first one, as a reader would
@@ -132,6 +132,8 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     assert len((tmp_path / "out" / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # the callback example
     assert lk.adapter_names(namespace["model2"]) == ["x"]
     assert "lora" in namespace["lk"].methods()
+    assert namespace["merge_drift"](namespace["qmerged"]).max_abs_logit == 0  # Quantized bases: W_q re-quantized
+    assert namespace["merge_drift"](namespace["gmerged"]).max_abs_logit < 1e-5  # QA-LoRA: zero points absorb ΔW
     ids = namespace["ids"]
     with lk.disabled(model):
         expected = model(ids).logits

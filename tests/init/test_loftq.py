@@ -93,6 +93,17 @@ def test_two_bits_round_trips_through_lorakit(tmp_path):
     )
 
 
+def test_a_4_bit_loftq_dir_loads_onto_the_nf4_quantized_original(tmp_path):
+    """At 4 bits and one iteration Q = NF4(W): the dir applies as it is to lk.quantize(original, "nf4")."""
+    pytest.importorskip("bitsandbytes")
+    model, _ = loftq_model(bits=4, iterations=1)
+    randomize_adapters(model, std=0.05)
+    lk.save_adapter(model, tmp_path / "a")
+    x = tokens()
+    on_nf4 = lk.load_adapter(lk.quantize(tiny_llama(), "nf4"), tmp_path / "a")
+    torch.testing.assert_close(logits(on_nf4, x), logits(model, x), atol=1e-5, rtol=0)
+
+
 def test_quantizing_after_loftq_holds_q_exactly():
     pytest.importorskip("bitsandbytes")
     model, _ = loftq_model(bits=4)

@@ -9,7 +9,8 @@ step for step, so at 4 bits and α = r (s = 1) A and B equal PEFT's; for other �
 B·A (PEFT leaves the scale out). Saved dirs say ``init_lora_weights="loftq"`` with ``loftq_config``: PEFT
 (4 bits) and lorakit rebuild Q from the original W on load, then read A and B. To train on a really
 quantized base, run LoftQ on the full-precision model and ``lk.quantize(model, "nf4")`` after: NF4 maps Q
-onto itself, so the quantized base holds Q exactly.
+onto itself, so the quantized base holds Q exactly. A saved dir loads onto a quantized base as it is (at 4
+bits and one iteration Q = NF4(W), so the NF4-quantized original is that base).
 """
 
 from __future__ import annotations

@@ -330,8 +330,10 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
             rank_pattern=fields.get("rank_pattern") or None,
             alpha_pattern=fields.get("alpha_pattern") or None,
             modules_to_save=fields.get("modules_to_save") or None,
-            initialize=rebuilds_base(cfg),  # the file holds the initialised (and trained) state; a replaced base
-            # (LoftQ's Q) is rebuilt from the original W by rerunning the init, whose A and B are then overwritten
+            # the file holds the initialised (and trained) state; a replaced base (LoftQ's Q) is rebuilt from the
+            # original W by rerunning the init (A and B are overwritten next), unless the base is quantized: then
+            # it holds Q already (lk.quantize after LoftQ; at 4 bits and 1 iteration, NF4 of the original W is Q)
+            initialize=rebuilds_base(cfg) and not any(L.is_quantized(_base(model, m)) for m in modules),
         )
     except TargetError as e:
         raise AdapterFormatError(f"{path / CONFIG_NAME}: its target modules do not fit this base: {e}") from e
@@ -343,6 +345,11 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
         raise
     _note_quantization(block, model, modules, path)
     return model
+
+
+def _base(model: nn.Module, name: str) -> nn.Module:
+    module = model.get_submodule(name)
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
 def _note_quantization(block: dict[str, Any], model: nn.Module, modules: list[str], path: Path) -> None:

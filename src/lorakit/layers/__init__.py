@@ -72,8 +72,9 @@ def base_bias(base: nn.Module) -> torch.Tensor | None:
 
 
 def is_quantized(base: nn.Module) -> bool:
-    """Whether the layer stores its weight quantized (nothing can be written into it)."""
-    return _kind(base).quantized
+    """Whether the layer is of a registered kind that stores its weight quantized (nothing can be written into it)."""
+    kind = kind_of(base)
+    return kind is not None and kind.quantized
 
 
 def require_dense(base: nn.Module, what: str) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from lorakit import layers as L
 from lorakit.errors import ConfigError, TargetError
 from lorakit.layers._wrapper import WRAPPERS
-from lorakit.quant._api import QUANTS, QuantSpec, get_quant, register_quant
+from lorakit.quant._api import QUANTS, QuantSpec, dense_linear, get_quant, register_quant
 from lorakit.quant._merge import MergeDrift
 from lorakit.registry import import_entries
 
@@ -70,14 +70,8 @@ def dequantize(model: nn.Module) -> nn.Module:
     """Replace every quantized layer of ``model`` by an ``nn.Linear`` holding its dequantized weight (float32,
     bias kept), in place; returns ``model``. The result is a plain full-precision model (merging works on it)."""
     _check_plain(model, "dequantize")
-    for name, layer in [(n, m) for n, m in model.named_modules() if L.kind_of(m) is not None and L.is_quantized(m)]:
-        d_in, d_out = L.dims(layer)
-        plain = nn.Linear(d_in, d_out, bias=L.base_bias(layer) is not None, device="meta")
-        weight = L.weight_out_in(layer).detach().float()
-        plain.weight = nn.Parameter(weight.clone(), requires_grad=False)
-        bias = L.base_bias(layer)
-        if bias is not None:
-            plain.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    for name, layer in [(n, m) for n, m in model.named_modules() if L.is_quantized(m)]:
+        plain = dense_linear(L.weight_out_in(layer), L.base_bias(layer))
         plain.train(layer.training)
         _replace(model, name, plain)
     for flag in FLAGS.values():
@@ -92,7 +86,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantized_kinds(model: nn.Module) -> set[str]:
     """Names of the base-layer kinds of the quantized layers in ``model`` (empty: none is quantized)."""
-    return {L.kind_of(m).name for m in model.modules() if L.kind_of(m) is not None and L.is_quantized(m)}  # type: ignore[union-attr]
+    return {kind.name for m in model.modules() if (kind := L.kind_of(m)) is not None and kind.quantized}
 
 
 def merge_drift(merged: nn.Module) -> MergeDrift | None:

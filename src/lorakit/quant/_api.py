@@ -68,3 +68,13 @@ def bitsandbytes() -> ModuleType:
             f"quantizing with bitsandbytes needs the bitsandbytes package ({e}); install it with "
             "`pip install 'lorakit[quant]'` (bitsandbytes>=0.50 ships a CPU library)."
         ) from e
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen float32 ``nn.Linear`` holding ``weight`` (out, in) and ``bias`` (dequantizing and merging build one)."""
+    d_out, d_in = weight.shape
+    layer = nn.Linear(d_in, d_out, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    return layer

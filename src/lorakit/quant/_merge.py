@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.quant._api import QUANTS, get_quant
+from lorakit.quant._api import QUANTS, dense_linear, get_quant
 
 MODES = ("requantize", "dequantize")
 
@@ -66,15 +66,11 @@ def merge_layer(
     """(the merged layer, its drift, ‖ΔW‖_F) for a quantized ``layer`` and an (out, in) ``delta`` (module docstring)."""
     if mode not in MODES:
         raise ConfigError(f"quantized must be one of {', '.join(MODES)}, got {mode!r}.")
-    d_in, d_out = L.dims(layer)
     target = L.weight_out_in(layer).float() + delta.detach().float()  # (out, in)
     bias = L.base_bias(layer)
     if delta_bias is not None:
         bias = delta_bias.detach().float() + (0 if bias is None else bias.detach().float())
-    dense = nn.Linear(d_in, d_out, bias=bias is not None, device="meta")
-    dense.weight = nn.Parameter(target, requires_grad=False)
-    if bias is not None:
-        dense.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    dense = dense_linear(target, bias)
     spec = None if mode == "dequantize" else get_quant(quant_kind(layer))
     absorbed = None if spec is None or spec.absorb is None else spec.absorb(layer, delta.detach(), delta_bias)
     merged = dense if spec is None else absorbed if absorbed is not None else spec.fn(dense)

@@ -82,7 +82,7 @@ class Engine:
 
     def _weight(self, module: str) -> torch.Tensor | None:
         layer = self.model.get_submodule(module)
-        if L.kind_of(layer) is not None and L.is_quantized(layer):  # a quantized base: its dequantized (out, in)
+        if L.is_quantized(layer):  # a quantized base: its dequantized (out, in) weight
             return L.weight_out_in(layer)
         w = getattr(layer, "weight", None)
         if w is None or w.ndim != 2:
