@@ -133,6 +133,7 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     assert lk.adapter_names(namespace["model2"]) == ["x"]
     assert "lora" in namespace["lk"].methods()
     assert namespace["merge_drift"](namespace["qmerged"]).max_abs_logit == 0  # Quantized bases: W_q re-quantized
+    assert namespace["merge_drift"](namespace["gmerged"]).max_abs_logit < 1e-5  # QA-LoRA: zero points absorb ΔW
     ids = namespace["ids"]
     with lk.disabled(model):
         expected = model(ids).logits

@@ -6,7 +6,8 @@ identity where the method promises one, that the adapter changes the output, tha
 parameters train (the quantized codes never change), inference path = training path, save/load onto a
 freshly quantized base, that the same adapter on the dequantized base gives the same logits, and merging
 onto the quantized base: dequantized (equal to the unmerged forward) and re-quantized (a quantized model
-with a drift report for every layer).
+with a drift report for every layer). ``test_qlora_on_the_pure_torch_int4g_base`` runs the same cases, the
+main checks in one pass, on lorakit's own integer group quantizer (``int4g``, base-layer kind ``intgroup``).
 
 Excluded, because their math writes into the base weight, which a quantized layer cannot hold: the methods
 whose adapters move a part out of the base (LoLDU, SaLoRA: ``base_shift``), the init options that
@@ -122,6 +123,34 @@ def test_qlora_save_load_and_the_dequantized_base(case, tmp_path):
         torch.testing.assert_close(logits(lk.merge(model, quantized="dequantize"), x), y, atol=1e-5, rtol=1e-5)
         requantized = lk.merge(model)
         assert quantized_kinds(requantized) == {"bnb4bit"} and len(merge_drift(requantized).drift) == 14
+
+
+@pytest.mark.parametrize("case", INCLUDED)
+def test_qlora_on_the_pure_torch_int4g_base(case, tmp_path):
+    """The same cases on lorakit's own integer group quantizer (base-layer kind ``intgroup``), in one pass."""
+    x = tokens()
+    model = lk.quantize(tiny_llama(0), "int4g")
+    y0 = logits(model, x)
+    before = codes(model)
+    adapt(model, case, randomize=False)
+    assert {L.kind_of(w.base_layer).name for _, w in lk.inject.wrappers(model)} == {"intgroup"}
+    method, _, init = case.partition("+")
+    if REGISTRY[method].identity_at_init and (not init or INITS[init].identity_at_init):
+        torch.testing.assert_close(logits(model, x), y0, atol=1e-6, rtol=0)
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert all((p.grad is not None) == (".adapters." in n) for n, p in model.named_parameters())
+    randomize_adapters(model, seed=0)
+    model.eval()
+    y = logits(model, x)
+    assert (y - y0).abs().max() > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(before, codes(model), strict=True)) and len(before) == 14
+    lk.save_adapter(model, tmp_path / "adapter")
+    again = lk.load_adapter(lk.quantize(tiny_llama(0), "int4g"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(again, x), y, atol=1e-6, rtol=0)
+    if REGISTRY[method].mergeable:
+        torch.testing.assert_close(logits(lk.merge(model, quantized="dequantize"), x), y, atol=1e-5, rtol=1e-5)
+        assert quantized_kinds(lk.merge(model)) == {"intgroup"}
 
 
 @pytest.mark.parametrize("case", EXCLUDED)

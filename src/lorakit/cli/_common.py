@@ -16,7 +16,8 @@ from lorakit.errors import LorakitError
 F = TypeVar("F", bound=Callable[..., Any])
 QUANTIZE_HELP = (
     "Quantize the base's Linear layers (not the output head) as it loads: nf4 or fp4 (4-bit) or int8, "
-    "through bitsandbytes (pip install 'lorakit\\[quant]'). Adapters train and run on top of it (QLoRA)."
+    "through bitsandbytes (pip install 'lorakit\\[quant]'), or int4g, int4g128, int3g, int2g (pure torch, integer "
+    "codes per group of 32 or 128 inputs, as GPTQ). Adapters train and run on top of it (QLoRA)."
 )  # (\\[ : a literal bracket in rich's help markup)
 
 out = Console(highlight=False)  # results: stdout

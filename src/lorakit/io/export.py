@@ -89,6 +89,8 @@ def _config_problems(fields: dict[str, Any]) -> list[str]:
         problems.append(f"r must be a positive integer, got {r!r}.")
     if fields.get("use_dora"):
         problems.append("use_dora is true; vLLM does not support DoRA.")
+    if fields.get("use_qalora"):
+        problems.append("use_qalora is true; vLLM does not support QA-LoRA's pooled inputs (export converts it).")
     if fields.get("modules_to_save"):
         problems.append(f"modules_to_save is {fields['modules_to_save']!r}; vLLM needs it to be None.")
     if fields.get("bias", "none") != "none" or fields.get("lora_bias"):

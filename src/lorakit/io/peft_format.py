@@ -56,19 +56,21 @@ def lora_scale(fields: Mapping[str, Any], module: str, rank: int) -> float:
 
 def adapter_method(fields: Mapping[str, Any]) -> str:
     """The method an adapter_config.json describes: its lorakit block's, "dora" for PEFT's
-    ``use_dora``, else ``peft_type`` in lower case ("lora", "vera", ...)."""
+    ``use_dora``, "qalora" for ``use_qalora``, else ``peft_type`` in lower case ("lora", "vera", ...)."""
     block = fields.get("lorakit")
     if isinstance(block, dict):
         return str(block.get("method"))
+    if fields.get("use_qalora"):
+        return "qalora"
     return "dora" if fields.get("use_dora") else str(fields.get("peft_type", "?")).lower()
 
 
 def is_plain_lora(fields: Mapping[str, Any]) -> bool:
     """Whether an adapter_config.json is a plain LoRA, readable as factors without its base:
-    ``peft_type`` LORA, no ``use_dora``, and no lorakit block (which only other methods carry)."""
-    return (
-        fields.get("peft_type") == "LORA" and not fields.get("use_dora") and not isinstance(fields.get("lorakit"), dict)
-    )
+    ``peft_type`` LORA, no ``use_dora`` or ``use_qalora`` (an (r, in/g) lora_A of pooled inputs), and no
+    lorakit block (which only other methods carry)."""
+    variant = fields.get("use_dora") or fields.get("use_qalora")
+    return fields.get("peft_type") == "LORA" and not variant and not isinstance(fields.get("lorakit"), dict)
 
 
 def require_plain_lora(fields: Mapping[str, Any], where: str | Path, fix: str) -> None:

@@ -1,10 +1,12 @@
 """Quantized bases: ``lk.quantize(model, "nf4")`` replaces a model's Linear layers by quantized ones, in place.
 
 One file per quantization kind (``@register_quant`` in ``_api.py``): ``nf4``, ``fp4`` and ``int8`` through
-bitsandbytes (imported on first use; ``pip install 'lorakit[quant]'``). ``_reference.py`` is a pure-torch
-blockwise quantizer (NF4, whose bytes and scales equal bitsandbytes', and the 2/3-bit normal grids LoftQ
-uses). Adapters read a quantized layer through its base-layer kind in ``lorakit/layers``, so every method
-that wraps Linear layers trains on a quantized base (QLoRA) without knowing the backend.
+bitsandbytes (imported on first use; ``pip install 'lorakit[quant]'``); ``int4g`` (and ``int4g128``, ``int3g``,
+``int2g``) in pure torch: GPTQ-style integer codes with a scale and a float zero point per group of inputs
+(``intgroup.py``). ``_reference.py`` is a pure-torch blockwise quantizer (NF4, whose bytes and scales equal
+bitsandbytes', and the 2/3-bit normal grids LoftQ uses). Adapters read a quantized layer through its base-layer
+kind in ``lorakit/layers``, so every method that wraps Linear layers trains on a quantized base (QLoRA) without
+knowing the backend.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
 
 def quantize(model: nn.Module, kind: str = "nf4", *, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (but those whose name ends in one of ``skip``: the output
-    head by default) by the quantized layer of ``kind`` ('nf4', 'fp4', 'int8'), in place; returns ``model``.
+    head by default) by the quantized layer of ``kind`` ('nf4', 'fp4', 'int8', 'int4g', ...), in place; returns
+    ``model``.
 
-    Quantize before attaching adapters. The model is marked as transformers marks a bitsandbytes model
-    (``is_loaded_in_4bit`` / ``is_loaded_in_8bit``), so PEFT wraps its layers with its own bitsandbytes LoRA.
+    Quantize before attaching adapters. A bitsandbytes kind marks the model as transformers marks a bitsandbytes
+    model (``is_loaded_in_4bit`` / ``is_loaded_in_8bit``), so PEFT wraps its layers with its own bitsandbytes LoRA.
     """
     if isinstance(skip, str):
         raise ConfigError(f"skip must be a list of module-name suffixes, got the string {skip!r}; use [{skip!r}].")
@@ -58,7 +61,7 @@ def quantize(model: nn.Module, kind: str = "nf4", *, skip: Sequence[str] = ("lm_
     for name, layer in new.items():
         layer.train(model.training)
         _replace(model, name, layer)
-    if spec.bits in FLAGS:
+    if spec.backend == "bitsandbytes" and spec.bits in FLAGS:
         setattr(model, FLAGS[spec.bits], True)
     return model
 

@@ -20,6 +20,7 @@ from lorakit.errors import ConfigError
 from lorakit.registry import add_entry, get_entry
 
 Quantizer = Callable[[nn.Linear], nn.Module]
+Absorber = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], "nn.Module | None"]
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,23 @@ class QuantSpec:
     bits: int  # bits per weight (before the per-block scales)
     backend: str  # "bitsandbytes" or "torch"
     description: str
+    absorb: Absorber | None = None
+    """Optional: (layer, ΔW (out, in), Δbias or None) -> a layer of this kind holding Ŵ + ΔW exactly with its codes
+    unchanged, or None when ΔW is not of a form the kind's stored parameters can take (then ``lk.merge``
+    re-quantizes Ŵ + ΔW). The integer group kinds absorb a ΔW constant over each group into their zero points."""
 
 
 QUANTS: dict[str, QuantSpec] = {}
 
 
-def register_quant(name: str, *, bits: int, backend: str, description: str) -> Callable[[Quantizer], Quantizer]:
-    """Function decorator that adds a quantization kind to :data:`QUANTS` under ``name``."""
+def register_quant(
+    name: str, *, bits: int, backend: str, description: str, absorb: Absorber | None = None
+) -> Callable[[Quantizer], Quantizer]:
+    """Function decorator that adds a quantization kind to :data:`QUANTS` under ``name`` (``absorb``: see QuantSpec)."""
 
     def wrap(fn: Quantizer) -> Quantizer:
-        add_entry(QUANTS, "quantization kind", name, QuantSpec(name, fn, bits, backend, description),
-                  same=name in QUANTS and QUANTS[name].fn is fn)  # fmt: skip
+        spec = QuantSpec(name, fn, bits, backend, description, absorb)
+        add_entry(QUANTS, "quantization kind", name, spec, same=name in QUANTS and QUANTS[name].fn is fn)
         return fn
 
     return wrap

@@ -2,10 +2,12 @@
 
 Semantics: W_q = dequantize(base); target = W_q + ΔW. ``requantize`` stores target quantized again with the
 base's own kind (a quantized layer, as small as before; W_merged_q ≠ target in general); ``dequantize``
-stores target itself in a full-precision nn.Linear (exact, but the layer is dense again). The drift of a
-layer is ‖W_merged_q − (W_q + ΔW)‖_F; relative to ‖ΔW‖_F it says how much of the adapter the re-quantization
-lost (≥ 1: as much as the whole update). On a calibration batch the report adds max |Δlogit| and the mean
-KL(unmerged ‖ merged) per token.
+stores target itself in a full-precision nn.Linear (exact, but the layer is dense again). A kind with an
+``absorb`` hook first tries to hold target exactly in its own stored form, codes unchanged (the integer group
+kinds absorb a ΔW constant over each quantization group, as QA-LoRA's, into their zero points: drift ≈ 0).
+The drift of a layer is ‖W_merged_q − (W_q + ΔW)‖_F; relative to ‖ΔW‖_F it says how much of the adapter the
+re-quantization lost (≥ 1: as much as the whole update). On a calibration batch the report adds max |Δlogit|
+and the mean KL(unmerged ‖ merged) per token.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ class MergeDrift:
 
 
 def quant_kind(layer: nn.Module) -> str:
-    """The registered quantization kind ('nf4', 'fp4', 'int8') that made ``layer`` (bitsandbytes layers)."""
+    """The registered quantization kind ('nf4', 'fp4', 'int8', 'int4g', ...) that made ``layer``."""
+    own = getattr(layer, "quant_kind", None)  # lorakit's own quantized layers record the kind that made them
     quant_type = getattr(getattr(layer, "weight", None), "quant_type", None)  # Params4bit: 'nf4' or 'fp4'
     layer_kind = L.kind_of(layer)
-    kind = quant_type or ("int8" if layer_kind is not None and layer_kind.name == "bnb8bit" else None)
+    kind = own or quant_type or ("int8" if layer_kind is not None and layer_kind.name == "bnb8bit" else None)
     if kind not in QUANTS:
         raise ConfigError(
             f"cannot tell which quantization kind made {type(layer).__name__}; merge with quantized='dequantize'."
@@ -68,7 +71,9 @@ def merge_layer(
     if delta_bias is not None:
         bias = delta_bias.detach().float() + (0 if bias is None else bias.detach().float())
     dense = dense_linear(target, bias)
-    merged = dense if mode == "dequantize" else get_quant(quant_kind(layer)).fn(dense)
+    spec = None if mode == "dequantize" else get_quant(quant_kind(layer))
+    absorbed = None if spec is None or spec.absorb is None else spec.absorb(layer, delta.detach(), delta_bias)
+    merged = dense if spec is None else absorbed if absorbed is not None else spec.fn(dense)
     merged.train(layer.training)
     drift = float((L.weight_out_in(merged).float() - target).norm())
     return merged, drift, float(delta.detach().float().norm())

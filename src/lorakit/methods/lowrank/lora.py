@@ -173,6 +173,6 @@ class Lora(AdapterModule):
 
     @staticmethod
     def config_from_peft(fields: dict[str, Any]) -> LoraConfig | None:
-        if fields.get("peft_type") != "LORA" or fields.get("use_dora"):
-            return None
+        if fields.get("peft_type") != "LORA" or fields.get("use_dora") or fields.get("use_qalora"):
+            return None  # DoRA and QA-LoRA read those
         return LoraConfig(**Lora.lora_kwargs_from_peft(fields))
