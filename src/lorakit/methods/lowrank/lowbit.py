@@ -66,7 +66,8 @@ def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     amax = w64.abs().amax(dim=1)  # (rows,)
     t, cap = amax / top, amax / max(top - 1, 1)
     if bits > 1:  # start from the best of a grid of clipping scales (always holding max|w|/top and the cap)
-        f = torch.cat([torch.linspace(0.1, 1, GRID, dtype=torch.float64)[:-1], torch.tensor([1.0, top / (top - 1)])])
+        f = torch.linspace(0.1, 1, GRID, dtype=torch.float64, device=w.device)[:-1]
+        f = torch.cat([f, torch.tensor([1.0, top / (top - 1)], dtype=torch.float64, device=w.device)])
         grid = t[:, None] * f  # (rows, K)
         err = (w64[:, None] - grid[..., None] * _levels(w64[:, None], grid, top)).square().sum(-1)  # (rows, K)
         t = grid.gather(1, err.argmin(1, keepdim=True))[:, 0]
