@@ -1,6 +1,5 @@
-"""The loqt callback in the real training loop: on an NF4 base, the fold after step 2 (merge_every=2, a learning rate
-large enough that two steps move NF4 codes) re-quantizes
-the base codes and restarts B, which step 3 trains again."""
+"""The loqt callback in the real training loop: on an NF4 base, the fold after step 2 (merge_every=2; a learning rate
+large enough that two steps move NF4 codes) re-quantizes the base codes and restarts B, which step 3 trains again."""
 
 from __future__ import annotations
 
