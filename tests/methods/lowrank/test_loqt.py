@@ -103,6 +103,29 @@ def test_the_callback_folds_every_merge_every_steps_and_restarts_b():
             assert B.abs().sum() > 0 and B in opt.state
 
 
+def test_a_fold_takes_p_again_from_the_fold_steps_own_gradient():
+    model = adapted(tiny_llama(0), merge_every=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), config=None)  # type: ignore[arg-type]
+    callbacks = build_callbacks(("loqt",))
+    bases = {n: w.base_layer for n, w in wrappers(model)}
+    for base in bases.values():  # the reference: autograd's own ∇_W of the same step
+        base.weight.requires_grad_(True)
+    callbacks.on_step_begin(state)
+    model.train()
+    model(X, labels=X).loss.backward()
+    opt.step()
+    G = {n: b.weight.grad.clone() for n, b in bases.items()}  # (out, in)
+    old = {n: w.adapters["default"].P.clone() for n, w in wrappers(model)}
+    state.step = 1
+    callbacks.on_step_end(state)
+    for name, w in wrappers(model):
+        P = w.adapters["default"].P.double()  # (out, 4)
+        U = torch.linalg.svd(G[name].double(), full_matrices=False)[0][:, :4]
+        torch.testing.assert_close((P.T @ U).abs(), torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
+        assert not torch.allclose(P.float(), old[name])  # a new subspace
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(lk.ConfigError, match="merge_every must be a positive integer"):
         lk.method_config("loqt", merge_every=0)

@@ -6,11 +6,11 @@ P holds the top-r left singular vectors of the full gradient G = ∇_W L on the 
 with the adapter. B (r, in) trains from zero, so the model starts as the base. Every ``merge_every`` optimizer
 steps the ``loqt`` training callback calls :meth:`Loqt.fold`: s·P·B goes into the base weight in the layer's own
 storage (``layers.store``: a quantized layer is quantized again with its own quantizer, as ``lk.merge`` does),
-B restarts at 0 and its optimizer state is dropped. Across a fold the outputs change only by that
-re-quantization (none on a full-precision base). After folds the base holds the earlier updates, so a saved
-adapter is the update since the last fold, for that base (its fingerprint says so); ``lk.merge`` gives the whole
-model. Not built: refreshing P from a new gradient SVD at each fold (the paper's; the callback has no batch to
-take the gradient on), quantizing P itself, and the paper's peak-memory benchmark.
+B restarts at 0 with fresh optimizer state, and P is taken again from the SVD of ∇_W L on the fold step's own
+batches (as the paper does). Across a fold the outputs change only by that re-quantization (none on a
+full-precision base). After folds the base holds the earlier updates, so a saved adapter is the update since
+the last fold, for that base (its fingerprint says so); ``lk.merge`` gives the whole model. Not built:
+quantizing P itself, and the paper's peak-memory benchmark.
 """
 
 from __future__ import annotations
@@ -91,10 +91,14 @@ class Loqt(AdapterModule):
         rank = max(a.config.r for a in mine.values())
         grads = full_gradients(model, list(mine), as_batches(batches, need_labels=True, min_rows=rank, where="loqt"))
         for name, adapter in mine.items():
-            U = torch.linalg.svd(grads[name].double(), full_matrices=False)[0][:, : adapter.config.r]  # (out, r)
-            U = U * torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))  # each column's largest entry > 0
-            with torch.no_grad():
-                adapter.P.copy_(U.to(adapter.P.dtype))
+            adapter.set_projection(grads[name])
+
+    def set_projection(self, G: torch.Tensor) -> None:
+        """P ← the top-r left singular vectors of an (out, in) gradient G, each column's largest entry made > 0."""
+        U = torch.linalg.svd(G.detach().double(), full_matrices=False)[0][:, : self.config.r]  # (out, r)
+        U = U * torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+        with torch.no_grad():
+            self.P.copy_(U.to(self.P.dtype))
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         h = L.project_in(base, x, self.B)  # (..., r)
