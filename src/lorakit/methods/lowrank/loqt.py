@@ -9,7 +9,7 @@ storage (``layers.store``: a quantized layer is quantized again with its own qua
 B restarts at 0 with fresh optimizer state, and P is taken again from the SVD of ∇_W L on the fold step's own
 batches (as the paper does). Across a fold the outputs change only by that re-quantization (none on a
 full-precision base). After folds the base holds the earlier updates, so a saved adapter is the update since
-the last fold, for that base (its fingerprint says so); ``lk.merge`` gives the whole model. Not built:
+the last fold, for that base (the dir fingerprints the folded base); ``lk.merge`` gives the whole model. Not built:
 quantizing P itself, and the paper's peak-memory benchmark.
 """
 
