@@ -95,6 +95,18 @@ def subtract(base: nn.Module, shift: LoraFactors) -> None:
         weight.copy_((weight.float() - to_base_layout(base, delta)).to(weight.dtype))
 
 
+def store(base: nn.Module, W: torch.Tensor) -> None:
+    """base's weight ← W (an (out, in) matrix) in the layer's own storage: written in its dtype and layout, or, for a
+    quantized kind, quantized again with the layer's own quantizer (LoQT's periodic merge into a quantized W)."""
+    kind = _kind(base)
+    if kind.quantized:
+        kind.requantize(base, W.detach())
+        return
+    weight: torch.Tensor = base.weight  # type: ignore[assignment]
+    with torch.no_grad():
+        weight.copy_(to_base_layout(base, W.to(weight.device)).to(weight.dtype))
+
+
 def assign(base: nn.Module, W: torch.Tensor) -> None:
     """base.weight ← W (an (out, in) matrix), stored in the weight's dtype and layout (LoftQ's new base Q)."""
     require_dense(base, "an init that replaces the base weight")
@@ -105,4 +117,4 @@ def assign(base: nn.Module, W: torch.Tensor) -> None:
 
 __all__ = ["KINDS", "LayerKind", "base_bias", "base_linear", "dims", "is_quantized", "kind_of", "layer_kind"]
 __all__ += ["project_in", "register_kind", "require_dense", "subtract", "supported_types", "to_base_layout"]
-__all__ += ["assign", "types_of", "weight_out_in"]
+__all__ += ["assign", "store", "types_of", "weight_out_in"]

@@ -64,6 +64,13 @@ class LayerKind(Protocol):
         """The output bias the layer adds, or None."""
         ...
 
+    @staticmethod
+    def requantize(base: nn.Module, W: torch.Tensor) -> None:
+        """Quantized kinds only: store the (out, in) matrix W in the layer, in place, quantized again with the
+        layer's own quantizer (its type, block size and dtype), as quantizing a fresh Linear holding W would. Dense
+        kinds need not define it: ``layers.store`` writes their weight directly."""
+        ...
+
 
 KINDS: dict[str, type[LayerKind]] = {}
 _BY_TYPE: dict[type, type[LayerKind] | None] = {}  # cache: module class -> its kind (None: unsupported)

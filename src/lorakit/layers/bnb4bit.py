@@ -56,3 +56,15 @@ class Bnb4bit:
     @staticmethod
     def base_bias(base: nn.Module) -> torch.Tensor | None:
         return base.bias  # type: ignore[return-value]
+
+    @staticmethod
+    def requantize(base: nn.Module, W: torch.Tensor) -> None:
+        """W quantized again as a fresh Params4bit with this layer's quant type, block size and dtype (on the CPU,
+        then moved to the layer's device, which quantizes it, as lorakit.quant builds its layers)."""
+        bnb = importlib.import_module("bitsandbytes")
+        old: Any = base.weight
+        params = bnb.nn.Params4bit(
+            W.to(old.quant_state.dtype).cpu(), requires_grad=False, compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type, blocksize=old.blocksize,
+        )  # fmt: skip
+        base.weight = params.to(old.device)

@@ -53,3 +53,14 @@ class Bnb8bit:
     @staticmethod
     def base_bias(base: nn.Module) -> torch.Tensor | None:
         return base.bias  # type: ignore[return-value]
+
+    @staticmethod
+    def requantize(base: nn.Module, W: torch.Tensor) -> None:
+        """W quantized again as fresh int8 rows with one absmax scale each (the layer's forward moves them into its
+        state on the next call, as for a freshly built layer)."""
+        bnb = importlib.import_module("bitsandbytes")
+        old: Any = base.weight
+        params = bnb.nn.Int8Params(W.float().cpu(), requires_grad=False, has_fp16_weights=False)
+        base.weight = params.to(old.device)
+        state: Any = base.state
+        state.CB, state.SCB = None, None  # stale copies of the old rows
