@@ -12,14 +12,16 @@ if TYPE_CHECKING:
     from lorakit.extract.checkpoint import Checkpoint
     from lorakit.extract.lowrank import RankRule
     from lorakit.extract.phlora import ExtractResult, extract
+    from lorakit.extract.subnet import extract_subnet
 
 _LAZY = {
     "Checkpoint": "lorakit.extract.checkpoint",
     "RankRule": "lorakit.extract.lowrank",
     "ExtractResult": "lorakit.extract.phlora",
     "extract": "lorakit.extract.phlora",
+    "extract_subnet": "lorakit.extract.subnet",
 }
-__all__ = ["Checkpoint", "ExtractResult", "RankRule", "extract"]
+__all__ = ["Checkpoint", "ExtractResult", "RankRule", "extract", "extract_subnet"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.layers.intgroup import group_dequantize, group_quantize
 from lorakit.quant._api import register_quant
 
 
@@ -57,10 +58,7 @@ class IntGroupLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """Ŵ = s · (q − z), (out, in), in the scales' dtype."""
-        g = self.group_size
-        s = self.scales.repeat_interleave(g, dim=1)  # (out, G·g)
-        z = self.zeros.repeat_interleave(g, dim=1)  # (out, G·g)
-        return ((self.codes().to(s.dtype) - z) * s)[:, : self.in_features]
+        return group_dequantize(self.codes(), self.scales, self.zeros, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -76,15 +74,7 @@ def quantize_linear(layer: nn.Linear, *, bits: int = 4, group_size: int = 32, ki
     W = layer.weight.detach().float()  # (out, in)
     out_f, in_f = W.shape
     q = IntGroupLinear(in_f, out_f, bits=bits, group_size=group_size, kind=kind).to(W.device)
-    pad = q.scales.shape[1] * group_size - in_f
-    Wg = F.pad(W, (0, pad)).view(out_f, -1, group_size)  # (out, G, g); padding zeros are already in range
-    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)  # (out, G)
-    flat = lo == hi  # an all-zero group: GPTQ's [-1, 1]
-    lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
-    maxq = (1 << bits) - 1
-    s = (hi - lo) / maxq  # (out, G)
-    z = torch.round(-lo / s)  # (out, G)
-    codes = (torch.round(Wg / s[..., None]) + z[..., None]).clamp(0, maxq).to(torch.uint8)  # (out, G, g)
+    codes, s, z = group_quantize(W, bits, group_size)  # (out, G·g), (out, G), (out, G)
     codes = codes.view(out_f, -1, q.per_byte)  # (out, G·g / per, per)
     shifts = torch.arange(q.per_byte, device=W.device, dtype=torch.uint8) * bits
     q.weight.data = (codes << shifts).sum(-1, dtype=torch.uint8)  # distinct bit fields: sum = OR
