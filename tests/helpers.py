@@ -76,3 +76,20 @@ def assert_same_as_peft(model: nn.Module, theirs: nn.Module, state: dict, marker
     y = logits(model, x)
     assert (y - logits(base, x)).abs().max() > 1e-3
     torch.testing.assert_close(logits(theirs.eval(), x), y, atol=1e-5, rtol=1e-5)
+
+
+def idle_params(model: nn.Module) -> set[str]:
+    """Adapter parameters a step leaves out of the graph by design (so they get no gradient): ofa_quant's LoRA
+    pairs of the bit-widths not sampled for the step."""
+    from lorakit.methods.lowrank.ofa_quant import OfaQuant
+
+    return {
+        f"{w}.adapters.{a}.{f}.{b}"
+        for w, m in model.named_modules()
+        if isinstance(m, AdaptedLayer)
+        for a, ad in m.adapters.items()
+        if isinstance(ad, OfaQuant)
+        for b in ad.config.bits
+        if b != ad.active_bits
+        for f in "AB"
+    }

@@ -26,7 +26,7 @@ from lorakit.inject import AdaptedLayer
 from lorakit.methods import REGISTRY
 from lorakit.methods.lowrank.lora import LoraConfig
 from lorakit.testing import randomize_adapters
-from tests.helpers import EMBEDDINGS, MODELS, TARGETS_BY_CLASS, config_for, has_wrappers, logits, tokens
+from tests.helpers import EMBEDDINGS, MODELS, TARGETS_BY_CLASS, config_for, has_wrappers, idle_params, logits, tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,9 @@ class Case:
         return self.method if self.init is None else f"{self.method}+{self.init}"
 
 
+# a method whose forward quantizes W itself: a bf16 base moves codes across rounding boundaries (a whole
+# quantization step per flipped code, not bf16's rounding error), so its logits are not within bf16 tolerance
+BF16_EXCLUDED = {"ofa_quant": "ofa_quant quantizes W in its forward: bf16-rounded W flips 2-bit codes"}
 SPECS = {str(c): c for c in [Case(m) for m in REGISTRY] + [Case(m, i) for i in INITS for m in INITS[i].methods]}
 METHODS = sorted(SPECS)
 CASES = [pytest.param(m, k, id=f"{m}-{k}") for m in METHODS for k in MODELS]
@@ -210,11 +213,12 @@ def test_only_adapter_parameters_train(method, kind, x):
     assert trainable and trainable == adapter_params
     model.train()
     model(x, labels=x).loss.backward()
+    idle = idle_params(model)  # ofa_quant: only the step's bit-width's LoRA is in the graph
     for n, p in model.named_parameters():
-        assert (p.grad is not None) == p.requires_grad, n
+        assert (p.grad is not None) == (p.requires_grad and n not in idle), n
     for name, wrapper in adapted_layers(model):
         adapter = wrapper.adapters["default"]
-        assert any(p.grad.abs().sum() > 0 for p in adapter.parameters()), f"{name} got no gradient"
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters()), f"{name}: no gradient"
         trains_b = isinstance(getattr(adapter, "B", None), nn.Parameter) and adapter.B.requires_grad
         if trains_b and not isinstance(wrapper.base_layer, nn.Embedding):  # (LoRA-SB's B is a frozen buffer)
             assert adapter.B.grad.abs().sum() > 0, f"{name}: B gets no gradient at zero init"
@@ -256,6 +260,8 @@ def test_named_adapters_switch_disable_and_delete(method, kind, x):
 
 @pytest.mark.parametrize("method, kind", CASES)
 def test_bf16(method, kind, x):
+    if method in BF16_EXCLUDED:
+        pytest.skip(BF16_EXCLUDED[method])
     model = adapt(fresh(kind), method)
     y32 = logits(model, x)
     model.to(torch.bfloat16)

@@ -20,7 +20,7 @@ from lorakit.errors import ConfigError
 from lorakit.inject import AdaptedLayer, attach, delete_adapter, wrappers
 from lorakit.io import save_adapter
 from lorakit.methods import method_config
-from lorakit.methods.lowrank.ofa_quant import ofa_layers
+from lorakit.methods.lowrank.ofa_quant import OfaQuant, ofa_layers
 from lorakit.quant import get_quant
 from lorakit.quant._api import dense_linear
 
@@ -39,16 +39,7 @@ def extract_subnet(
     layers = ofa_layers(model)
     if not layers:
         raise ConfigError("extract_subnet() found no active ofa_quant adapter in the model.")
-    chosen = {n: a.active_bits for n, a in layers.items()}
-    chosen |= {n: config for n in layers} if isinstance(config, int) else dict(config or {})
-    for n, b in chosen.items():
-        if n not in layers or b not in layers[n].config.bits:
-            raise ConfigError(f"extract_subnet(): {n} at {b} bits is not a configuration of this supernet.")
-        if (b, layers[n].config.group_size) not in KINDS:
-            raise ConfigError(
-                f"extract_subnet(): no registered quantization kind quantizes {b} bits in groups of "
-                f"{layers[n].config.group_size}; the int kinds are {sorted(KINDS.values())}."
-            )
+    chosen = _configuration(layers, config)
     first = next(iter(layers.values())).config
     if any(a.config.r != first.r or a.config.alpha != first.alpha for a in layers.values()):
         raise ConfigError("extract_subnet() needs one r and alpha across the supernet (rank/alpha patterns differ).")
@@ -76,3 +67,18 @@ def extract_subnet(
     if path is not None:
         save_adapter(sub, path, name)
     return sub
+
+
+def _configuration(layers: Mapping[str, OfaQuant], config: int | Mapping[str, int] | None) -> dict[str, int]:
+    """{module: bits} of ``config`` over ``layers`` (unnamed modules keep their active bits), checked."""
+    chosen = {n: a.active_bits for n, a in layers.items()}
+    chosen |= {n: config for n in layers} if isinstance(config, int) else dict(config or {})
+    for n, b in chosen.items():
+        if n not in layers or b not in layers[n].config.bits:
+            raise ConfigError(f"extract_subnet(): {n} at {b} bits is not a configuration of this supernet.")
+        if (b, layers[n].config.group_size) not in KINDS:
+            raise ConfigError(
+                f"extract_subnet(): no registered quantization kind quantizes {b} bits in groups of "
+                f"{layers[n].config.group_size}; the int kinds are {sorted(KINDS.values())}."
+            )
+    return chosen

@@ -183,7 +183,7 @@ class MethodSpec:
     def param_count(self, d_in: int, d_out: int, cfg: Any) -> int:
         """Evaluate :attr:`params` (a fixed arithmetic expression written by the method's author)."""
         names = {"d_in": d_in, "d_out": d_out, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}}
-        return int(eval(self.params, {"__builtins__": {}}, names))  # noqa: S307 - author-written formula
+        return int(eval(self.params, {"__builtins__": {"len": len}}, names))  # noqa: S307 - author-written formula
 
 
 REGISTRY: dict[str, MethodSpec] = {}

@@ -1,21 +1,16 @@
 """One QuantLLM for ALL: Fine-tuning Quantized LLMs Once for Efficient Deployments — https://arxiv.org/abs/2405.00632
 Update rule: h = Q_b(W)·x + s·B_b·A_b·x for the active bit-width b ∈ ``bits``, s = α/r, one (A_b, B_b) per b.
 
-A supernet: the layer keeps the full-precision W and runs it quantized at any of several bit-widths through the
-pure-torch integer group quantizer (``lorakit.layers.intgroup.group_quantize``, the math of the ``int{b}g``
-kinds: asymmetric min-max per group of ``group_size`` inputs), so Q_b(W) is bit for bit the dequantized weight
-of ``quantize_linear(W, bits=b, group_size=g)``. Each bit-width has its own decoupled LoRA (A_b, B_b), so the
-low-bit configurations do not interfere with the high-bit ones: only the active b's pair is in the graph and
-gets gradients. ``activate(model, b)`` or ``activate(model, {module: b})`` picks the configuration
-explicitly; in training the always-on ``adapter_steps`` callback calls ``set_step``, which samples one global
-b per optimizer step, uniformly (default) or with the fixed ``weights``, seeded by (``seed``, step), so it is
-the same in every layer and reproducible after a resume. (The paper's resource-aware non-parametric scheduler
-is not implemented.) ``lorakit.extract.subnet.extract_subnet`` turns one configuration into a real quantized
-model plus a plain LoRA with identical outputs. Init as LoRA (Kaiming-uniform A_b, zero B_b): at init the
-model is the quantized base Q_b(W), not W, so it is not an identity and cannot merge into W.
-
-The base is read through its kind (``L.weight_out_in``), so a quantized base (e.g. NF4) is re-quantized from
-its dequantized weight. Reference speed: Q_b(W) is recomputed at every forward (no cached codes).
+A supernet: W stays full precision and runs quantized at the active b through the integer group quantizer's
+math (``lorakit.layers.intgroup``, the ``int{b}g`` kinds'), so Q_b(W) is bit for bit ``quantize_linear``'s Ŵ. Each
+b has its own (A_b, B_b): only the active pair is in the graph and trains, so low-bit configurations do not
+interfere with high-bit ones. ``activate(model, b | {module: b})`` picks a configuration; in training the
+always-on ``adapter_steps`` callback calls ``set_step``, which draws one global b per optimizer step from
+(``seed``, step): uniform, or the fixed ``weights`` (the paper's resource-aware scheduler is not implemented).
+``lorakit.extract.extract_subnet`` turns a configuration into an int{b}g model + plain LoRA, same logits.
+Init as LoRA (zero B_b): the model starts as Q_b(W), not W. ``lk.merge`` adds ΔW = Q_b(W) − W + s·B_b·A_b;
+``to_lora`` is its SVD (exact at full rank). A quantized base (NF4) is re-quantized from its dequantized
+weight; Q_b(W) is recomputed at every forward (a reference, no cached codes).
 """
 
 from __future__ import annotations
@@ -33,7 +28,8 @@ from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.layers._wrapper import AdaptedLayer
 from lorakit.layers.intgroup import group_dequantize, group_quantize
-from lorakit.methods._api import AdapterModule, register, require
+from lorakit.lowrank import factorize
+from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +39,7 @@ class OfaQuantConfig:
     alpha: float = 8.0
     """Scaling numerator: the update is multiplied by alpha/r."""
     bits: tuple[int, ...] = (2, 3, 4)
-    """Bit-widths of the supernet (each 2, 3, 4 or 8), one LoRA per bit-width; the first is active at attach."""
+    """Bit-widths of the supernet (each 2, 3, 4 or 8), one LoRA per bit-width; the highest is active at attach."""
     group_size: int = 32
     """Inputs per quantization group (32: the ``int2g``/``int3g``/``int4g`` kinds)."""
     weights: tuple[float, ...] | None = None
@@ -57,19 +53,13 @@ class OfaQuantConfig:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         require(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}.")
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}.")
-        require(
-            len(self.bits) > 0 and len(set(self.bits)) == len(self.bits) and all(b in (2, 3, 4, 8) for b in self.bits),
-            f"bits must be distinct bit-widths from 2, 3, 4, 8, got {self.bits!r}.",
-        )
-        require(
-            isinstance(self.group_size, int) and self.group_size > 0 and self.group_size % 4 == 0,
-            f"group_size must be a positive multiple of 4 (whole bytes of 2-bit codes), got {self.group_size!r}.",
-        )
-        require(
-            self.weights is None
-            or (len(self.weights) == len(self.bits) and min(self.weights) >= 0 < sum(self.weights)),
-            f"weights must give one non-negative probability per bit-width {self.bits}, got {self.weights!r}.",
-        )
+        bits_ok = len(self.bits) == len({2, 3, 4, 8} & set(self.bits)) > 0
+        require(bits_ok, f"bits must be distinct bit-widths from 2, 3, 4, 8, got {self.bits!r}.")
+        g_ok = isinstance(self.group_size, int) and self.group_size > 0 and self.group_size % 4 == 0
+        require(g_ok, f"group_size must be a positive multiple of 4 (whole code bytes), got {self.group_size!r}.")
+        w = self.weights
+        w_ok = w is None or (len(w) == len(self.bits) and min(w) >= 0 < sum(w))
+        require(w_ok, f"weights must give one non-negative probability per bit-width {self.bits}, got {w!r}.")
 
     @property
     def scale(self) -> float:
@@ -84,18 +74,16 @@ class OfaQuantConfig:
     family="F8",
     params="len(bits)*r*(d_in+d_out)",
     identity_at_init=False,  # the base runs quantized at the active bit-width
-    mergeable=False,  # W is full precision; a configuration is extracted (extract_subnet), not merged
-    layers=("linear",),
+    layers=("linear", "conv1d"),
 )
 class OfaQuant(AdapterModule):
     """x ↦ Q_b(W)·x + s·B_b·A_b·x with A_b (r, in), B_b (out, r) per bit-width b; b = ``self.active_bits``."""
 
     def __init__(self, cfg: OfaQuantConfig, in_features: int, out_features: int, weight: torch.Tensor):
         super().__init__()
-        self.config, self.scale, self.active_bits = cfg, cfg.scale, cfg.bits[0]
+        self.config, self.scale, self.active_bits = cfg, cfg.scale, max(cfg.bits)
         dtype = weight.dtype if weight.is_floating_point() else None  # a quantized base: the default dtype
-        self.A = nn.ParameterDict()  # {str(b): (r, in)}
-        self.B = nn.ParameterDict()  # {str(b): (out, r)}
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()  # {str(b): (r, in)}, {str(b): (out, r)}
         for b in cfg.bits:
             self.A[str(b)] = nn.Parameter(torch.empty(cfg.r, in_features, dtype=dtype, device=weight.device))
             self.B[str(b)] = nn.Parameter(torch.zeros(out_features, cfg.r, dtype=dtype, device=weight.device))
@@ -103,8 +91,7 @@ class OfaQuant(AdapterModule):
 
     @classmethod
     def from_base(cls, base: nn.Module, cfg: OfaQuantConfig) -> OfaQuant:
-        in_features, out_features = L.dims(base)
-        return cls(cfg, in_features, out_features, base.weight)  # type: ignore[arg-type]
+        return cls(cfg, *L.dims(base), base.weight)  # type: ignore[arg-type]
 
     def quantized_weight(self, base: nn.Module, bits: int | None = None) -> torch.Tensor:
         """Q_b(W) (out, in) float32: the dequantized weight ``quantize_linear(bits=b, group_size=g)`` holds."""
@@ -117,9 +104,7 @@ class OfaQuant(AdapterModule):
         return self.A[key], self.B[key]
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        # y (the full-precision output) is replaced: the base runs quantized. The order of operations is the one
-        # of an int{b}g layer under a LoRA adapter (lorakit.methods.lowrank.lora), so an extracted subnet's
-        # logits equal these bit for bit.
+        # y (W·x) is replaced by Q_b(W)·x, in the ops and order of an int{b}g layer under a lora: extraction is exact
         bias = L.base_bias(base)
         yq = F.linear(x, self.quantized_weight(base).to(x.dtype), None if bias is None else bias.to(x.dtype))
         A, B = self.factors()
@@ -129,22 +114,42 @@ class OfaQuant(AdapterModule):
         yq.view(-1, yq.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.T, alpha=self.scale)  # (N, out) += (N, r)(r, out)
         return yq
 
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
+        """ΔW = Q_b(W) − W + s·B_b·A_b, (out, in): W + ΔW is the active configuration's weight."""
+        A, B = self.factors()
+        W = L.weight_out_in(base)  # (out, in)
+        return (self.quantized_weight(base).to(W.dtype) - W) + self.scale * (B @ A)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:  # (out, in) -> base layout
+        return L.to_base_layout(base, self.delta_out_in(base))
+
+    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
+        """ΔW factored by SVD: exact at full rank (the default), else its best rank-``rank`` approximation."""
+        with torch.no_grad():
+            return factorize(delta := self.delta_out_in(base), rank or min(delta.shape))
+
     def set_step(self, step: int) -> None:
         """Sample the step's bit-width: one draw from (``seed``, ``step``), the same in every layer."""
         self.active_bits = sample_bits(self.config, step)
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        """Every bit-width's pair: ``lora_A.b{bits}.weight`` (r, in), ``lora_B.b{bits}.weight`` (out, r)."""
-        state: dict[str, torch.Tensor] = {}
+        """Every bit-width's ``lora_A.b{bits}.weight`` (r, in), ``lora_B.b{bits}.weight`` (out, r); ``active_bits``."""
+        state = {"active_bits": torch.tensor(self.active_bits)}  # a loaded supernet runs the saved configuration
         for b in self.config.bits:
             state |= {f"lora_A.b{b}.weight": self.A[str(b)], f"lora_B.b{b}.weight": self.B[str(b)]}
         return state
 
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for b in self.config.bits:
+                self.A[str(b)].copy_(state[f"lora_A.b{b}.weight"])
+                self.B[str(b)].copy_(state[f"lora_B.b{b}.weight"])
+        self.active_bits = int(state["active_bits"])
+
 
 def sample_bits(cfg: OfaQuantConfig, step: int) -> int:
     """The bit-width of training step ``step``: uniform over ``cfg.bits``, or by ``cfg.weights``."""
-    rng = random.Random(cfg.seed * 1_000_003 + step)
-    return rng.choices(cfg.bits, weights=cfg.weights)[0]
+    return random.Random(cfg.seed * 1_000_003 + step).choices(cfg.bits, weights=cfg.weights)[0]
 
 
 def ofa_layers(model: nn.Module) -> dict[str, OfaQuant]:
@@ -163,8 +168,7 @@ def activate(model: nn.Module, bits: int | Mapping[str, int]) -> dict[str, int]:
     if not layers:
         raise ConfigError("activate() found no active ofa_quant adapter; lk.attach(model, ofa_quant config) first.")
     chosen = {name: bits for name in layers} if isinstance(bits, int) else dict(bits)
-    unknown = sorted(set(chosen) - set(layers))
-    if unknown:
+    if unknown := sorted(set(chosen) - set(layers)):
         raise ConfigError(f"activate(): {unknown} are not ofa_quant layers; they are {sorted(layers)}.")
     for name, b in chosen.items():
         if b not in layers[name].config.bits:
