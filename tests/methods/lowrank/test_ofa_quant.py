@@ -13,7 +13,7 @@ from lorakit.extract import extract_subnet
 from lorakit.inject import wrappers
 from lorakit.methods.lowrank.ofa_quant import OfaQuant, OfaQuantConfig, activate, ofa_layers, sample_bits
 from lorakit.quant.intgroup import IntGroupLinear, quantize_linear
-from lorakit.testing import randomize_adapters, tiny_llama
+from lorakit.testing import randomize_adapters, tiny_gpt2, tiny_llama
 from tests.helpers import logits, tokens
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -80,6 +80,18 @@ def test_step_sampler_is_global_seeded_and_follows_weights():
     assert {sample_bits(only4, s) for s in range(20)} == {4}
 
 
+def test_adapter_steps_callback_samples_the_bit_width_each_step():
+    from types import SimpleNamespace
+
+    from lorakit.train.callbacks.adapter_steps import AdapterSteps
+
+    model = supernet()
+    adapters = list(ofa_layers(model).values())
+    for step in range(6):
+        AdapterSteps().on_step_begin(SimpleNamespace(model=model, step=step))  # type: ignore[arg-type]
+        assert {a.active_bits for a in adapters} == {sample_bits(adapters[0].config, step)}
+
+
 @pytest.mark.parametrize("config", [2, 4, "mixed"])
 def test_extracted_subnet_is_quantized_and_gives_identical_logits(tmp_path, config):
     model = supernet()
@@ -107,9 +119,21 @@ def test_extracted_subnet_is_quantized_and_gives_identical_logits(tmp_path, conf
 def test_supernet_save_load_round_trips_every_bit_width(tmp_path):
     model = supernet()
     lk.save_adapter(model, tmp_path / "ofa")
+    activate(model, 3)
+    lk.save_adapter(model, tmp_path / "at3")
+    assert set(activate(lk.load_adapter(tiny_llama(seed=3), tmp_path / "at3"), {}).values()) == {3}  # saved config
     again = lk.load_adapter(tiny_llama(seed=3), tmp_path / "ofa")
     x = tokens()
     for b in (2, 3, 4):
         activate(model, b)
         activate(again, b)
         assert torch.equal(logits(again, x), logits(model, x))
+
+
+def test_gpt2_conv1d_subnet_is_exact():
+    model = tiny_gpt2(seed=0)
+    lk.attach(model, lk.method_config("ofa_quant", r=4, bits=(2, 4)), targets=["c_attn", "c_fc"])
+    randomize_adapters(model, seed=2, std=0.3)
+    activate(model, 2)
+    x = tokens()
+    assert torch.equal(logits(extract_subnet(model), x), logits(model, x))

@@ -154,11 +154,11 @@ def sample_bits(cfg: OfaQuantConfig, step: int) -> int:
 
 def ofa_layers(model: nn.Module) -> dict[str, OfaQuant]:
     """{module name: its active ofa_quant adapter} of ``model``."""
-    return {
-        name: w.adapters[w.active]  # type: ignore[misc]
-        for name, w in model.named_modules()
-        if isinstance(w, AdaptedLayer) and w.active in w.adapters and isinstance(w.adapters[w.active], OfaQuant)
-    }
+    found = {}
+    for n, w in model.named_modules():
+        if isinstance(w, AdaptedLayer) and (a := w.active) is not None and a in w.adapters:
+            found[n] = w.adapters[a]
+    return {n: a for n, a in found.items() if isinstance(a, OfaQuant)}
 
 
 def activate(model: nn.Module, bits: int | Mapping[str, int]) -> dict[str, int]:
