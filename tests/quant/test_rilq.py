@@ -75,3 +75,5 @@ def test_bad_input():
         rilq(teacher, student, batches, steps=0)
     with pytest.raises(lk.ConfigError, match="outputs must be 'hidden', 'logits'"):
         rilq(teacher, student, batches, steps=1, outputs="h")
+    with pytest.raises(lk.ConfigError, match=r"do not both have: \['model.layers.9'\]"):
+        rilq(teacher, student, batches, steps=1, outputs=["model.layers.0", "model.layers.9"])

@@ -109,6 +109,10 @@ def rilq(
         raise ConfigError(f"rilq needs steps >= 1 and lr > 0, got steps={steps!r}, lr={lr!r}.")
     if isinstance(outputs, str) and outputs not in ("hidden", "logits"):
         raise ConfigError(f"outputs must be 'hidden', 'logits' or a list of module names, got {outputs!r}.")
+    names = {n for n, _ in student.named_modules()} & {n for n, _ in teacher.named_modules()}
+    missing = [] if isinstance(outputs, str) else [n for n in outputs if n not in names]
+    if missing:
+        raise ConfigError(f"outputs names modules that the teacher and student do not both have: {missing}.")
     params = [p for p in student.parameters() if p.requires_grad]
     if not params or not any(isinstance(m, WRAPPERS) for m in student.modules()):
         raise ConfigError(
