@@ -73,7 +73,8 @@ class Qwha(AdapterModule):
         super().__init__()
         self.config, self.d_in, self.d_out = cfg, d_in, d_out
         self.n_in = next_pow2(d_in)
-        self.rows = next_pow2(d_out) if cfg.transform == "both" else d_out  # F is (rows, n_in)
+        self.both = cfg.transform == "both"
+        self.rows = next_pow2(d_out) if self.both else d_out  # F is (rows, n_in)
         n = cfg.r * (d_in + d_out)
         require(
             n <= self.rows * self.n_in,
@@ -107,7 +108,7 @@ class Qwha(AdapterModule):
     def coefficients(self, E: torch.Tensor) -> torch.Tensor:
         """C (rows, n_in) with E = [C·H]₍d_out, d_in₎ (resp. [Hᵀ·C·H]): the padded E in the Hadamard basis."""
         C = fwht(F.pad(E.float(), (0, self.n_in - self.d_in)), dim=1)  # (out, n_in): E·H
-        return fwht(F.pad(C, (0, 0, 0, self.rows - self.d_out)), dim=0) if self.rows != self.d_out else C
+        return fwht(F.pad(C, (0, 0, 0, self.rows - self.d_out)), dim=0) if self.both else C  # H·E·H
 
     @torch.no_grad()
     def fit(self, E: torch.Tensor) -> None:
@@ -125,14 +126,14 @@ class Qwha(AdapterModule):
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         xh = fwht(F.pad(x.to(self.values.dtype), (0, self.n_in - self.d_in)))  # (..., n_in): pad(x)·H
         z = F.linear(xh, self.coefficient_matrix())  # (..., rows): F·H·x
-        if self.rows != self.d_out:
+        if self.both:
             z = fwht(z)[..., : self.d_out]  # (..., out): Hᵀ·F·H·x, cropped
         return y + z.to(y.dtype)
 
     def delta_out_in(self) -> torch.Tensor:
         """The dense ΔW (out, in), for merging and export only."""
         D = fwht(self.coefficient_matrix(), dim=1)  # (rows, n_in): F·H
-        D = fwht(D, dim=0) if self.rows != self.d_out else D  # Hᵀ·F·H
+        D = fwht(D, dim=0) if self.both else D  # Hᵀ·F·H
         return D[: self.d_out, : self.d_in]
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
