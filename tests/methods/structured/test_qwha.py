@@ -95,5 +95,8 @@ def test_the_saved_init_on_the_nf4_base_moves_the_logits_toward_full_precision(t
 def test_an_already_quantized_base_cannot_give_its_quantization_error():
     with pytest.raises(ConfigError, match="already quantized"):
         lk.attach(lk.quantize(tiny_llama(0), "nf4"), lk.method_config("qwha", quant="nf4"), targets=TARGETS)
+    with pytest.raises(ConfigError, match="nf4"):  # an unknown kind: a did-you-mean error, nothing left attached
+        lk.attach(model := tiny_llama(0), lk.method_config("qwha", quant="nf5"), targets=TARGETS)
+    assert not list(wrappers(model))
     with pytest.raises(ConfigError, match="transform must be one of"):
         lk.method_config("qwha", transform="out")
