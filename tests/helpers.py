@@ -78,6 +78,33 @@ def assert_same_as_peft(model: nn.Module, theirs: nn.Module, state: dict, marker
     torch.testing.assert_close(logits(theirs.eval(), x), y, atol=1e-5, rtol=1e-5)
 
 
+def assert_mixed_batch_equals_alone(base: nn.Module, configs: dict, tmp_path, targets="all-linear") -> None:
+    """Save one randomised adapter per ``configs`` entry {name: method config} on ``base``, serve them all from one
+    engine in one mixed batch (the base alone in a row too): each row equals its adapter alone on a copy of
+    the base (1e-4)."""
+    import copy
+
+    from lorakit.serve.engine import Engine
+
+    dirs = {}
+    for i, (name, config) in enumerate(configs.items()):
+        model = lk.attach(copy.deepcopy(base), config, targets=targets)
+        randomize_adapters(model, seed=10 + i, std=0.3)
+        dirs[name] = lk.save_adapter(model, tmp_path / name)
+    engine = Engine(copy.deepcopy(base))
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    first, *rest = list(dirs)
+    names = [first, None, *rest, first]
+    ids = torch.randint(0, 256, (len(names), 7), generator=torch.Generator().manual_seed(1))
+    got = engine.forward(ids, names)
+    for b, name in enumerate(names):
+        alone = copy.deepcopy(base) if name is None else lk.load_adapter(copy.deepcopy(base), dirs[name])
+        with torch.no_grad():
+            want = alone(ids[b : b + 1]).logits[0]
+        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+
+
 def idle_params(model: nn.Module) -> set[str]:
     """Adapter parameters a step leaves out of the graph by design (so they get no gradient): ofa_quant's LoRA
     pairs of the bit-widths not sampled for the step."""

@@ -134,6 +134,7 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     assert "lora" in namespace["lk"].methods()
     assert namespace["merge_drift"](namespace["qmerged"]).max_abs_logit == 0  # Quantized bases: W_q re-quantized
     assert namespace["merge_drift"](namespace["gmerged"]).max_abs_logit < 1e-5  # QA-LoRA: zero points absorb ΔW
+    assert namespace["rilq_result"].after < namespace["rilq_result"].before  # RILQ: the discrepancy falls
     ids = namespace["ids"]
     with lk.disabled(model):
         expected = model(ids).logits

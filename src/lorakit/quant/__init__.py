@@ -4,9 +4,10 @@ One file per quantization kind (``@register_quant`` in ``_api.py``): ``nf4``, ``
 bitsandbytes (imported on first use; ``pip install 'lorakit[quant]'``); ``int4g`` (and ``int4g128``, ``int3g``,
 ``int2g``) in pure torch: GPTQ-style integer codes with a scale and a float zero point per group of inputs
 (``intgroup.py``). ``_reference.py`` is a pure-torch blockwise quantizer (NF4, whose bytes and scales equal
-bitsandbytes', and the 2/3-bit normal grids LoftQ uses). Adapters read a quantized layer through its base-layer
-kind in ``lorakit/layers``, so every method that wraps Linear layers trains on a quantized base (QLoRA) without
-knowing the backend.
+bitsandbytes', and the 2/3-bit normal grids LoftQ uses). ``rilq.py`` is a procedure, not a kind: RILQ trains the
+adapters on a 2-bit base jointly against the full-precision model (``lorakit.quant.rilq``). Adapters read a
+quantized layer through its base-layer kind in ``lorakit/layers``, so every method that wraps Linear layers trains
+on a quantized base (QLoRA) without knowing the backend.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lorakit.errors import ConfigError, TargetError
 from lorakit.layers._wrapper import WRAPPERS
 from lorakit.quant._api import QUANTS, QuantSpec, dense_linear, get_quant, register_quant
 from lorakit.quant._merge import MergeDrift
+from lorakit.quant.rilq import RilqResult, rilq  # the function; ``from lorakit.quant.rilq import ...`` still works
 from lorakit.registry import import_entries
 
 import_entries(__name__, __path__)
@@ -95,4 +97,4 @@ def merge_drift(merged: nn.Module) -> MergeDrift | None:
 
 
 __all__ = ["QUANTS", "MergeDrift", "QuantSpec", "dequantize", "get_quant", "merge_drift", "quantize"]
-__all__ += ["quantized_kinds", "register_quant"]
+__all__ += ["RilqResult", "quantized_kinds", "register_quant", "rilq"]

@@ -4,7 +4,7 @@ Semantics: split W (flattened row-major) into blocks of ``block`` weights; per b
 each w becomes the index of the nearest grid value to w / absmax (ties to the lower one); dequantized,
 ŵ = grid[index] · absmax. At 4 bits the grid is NF4's (QLoRA's create_normal_map with offset 0.9677083):
 the packed bytes (two indices per byte, the first in the high nibble) and the absmax scales equal
-bitsandbytes' ``quantize_4bit(quant_type="nf4", blocksize=64)`` exactly. LoftQ and RILQ use the same
+bitsandbytes' ``quantize_4bit(quant_type="nf4", blocksize=64)`` exactly. LoftQ uses the same
 construction at 2 and 3 bits; those indices are stored one per byte.
 """
 

@@ -5,7 +5,6 @@ GPTQ layer wrapper, here around our int4g layer) gives the same outputs from the
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 
@@ -20,7 +19,7 @@ from lorakit.methods.lowrank.qalora import Qalora
 from lorakit.quant import merge_drift, quantized_kinds
 from lorakit.quant.intgroup import IntGroupLinear
 from lorakit.testing import randomize_adapters, tiny_llama
-from tests.helpers import logits, tokens
+from tests.helpers import assert_mixed_batch_equals_alone, logits, tokens
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -142,25 +141,9 @@ def test_saved_dir_is_peft_use_qalora_and_peft_qalora_forward_agrees(tmp_path):
 
 
 def test_serving_a_mixed_batch_on_int4g_equals_each_adapter_alone(tmp_path):
-    from lorakit.serve.engine import Engine  # serving takes qalora through its exact to_lora form
-
-    base = lk.quantize(tiny_llama(seed=3), "int4g")
-    dirs = {}
-    for i, method in enumerate(("qalora", "lora")):
-        model = lk.attach(copy.deepcopy(base), lk.method_config(method, r=4, alpha=8), targets=TARGETS)
-        randomize_adapters(model, seed=10 + i, std=0.3)
-        dirs[method] = lk.save_adapter(model, tmp_path / method)
-    engine = Engine(copy.deepcopy(base))
-    for name, path in dirs.items():
-        engine.add_adapter(name, path)
-    names = ["qalora", None, "lora", "qalora"]
-    ids = torch.randint(0, 256, (len(names), 7), generator=torch.Generator().manual_seed(1))
-    got = engine.forward(ids, names)
-    for b, name in enumerate(names):
-        alone = copy.deepcopy(base) if name is None else lk.load_adapter(copy.deepcopy(base), dirs[name])
-        with torch.no_grad():
-            want = alone(ids[b : b + 1]).logits[0]
-        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+    base = lk.quantize(tiny_llama(seed=3), "int4g")  # serving takes qalora through its exact to_lora form
+    configs = {m: lk.method_config(m, r=4, alpha=8) for m in ("qalora", "lora")}
+    assert_mixed_batch_equals_alone(base, configs, tmp_path, targets=TARGETS)
 
 
 def test_export_to_vllm_writes_the_exact_plain_lora(tmp_path):
