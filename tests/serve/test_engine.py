@@ -266,3 +266,40 @@ def test_cancel_stops_waiting_and_running_requests(served):
     assert waiting.finish_reason == "cancelled" and waiting.out_ids == []
     assert running.finish_reason == "cancelled" and 1 <= len(running.out_ids) < 50
     assert not engine.running and not engine.cache.pins
+
+
+def test_an_unseeded_sampling_request_leaves_torch_global_rng_alone():
+    """Not torch.seed(): it reseeds every device's generator and formats a stack trace for each, which
+    stalled the server's event loop (where requests are built) for 50-240 ms under load."""
+    before = torch.get_rng_state()
+    one, two = Request([5, 6], "a", temperature=0.8), Request([5, 6], "a", temperature=0.8)
+    assert torch.equal(before, torch.get_rng_state())
+    assert one.generator.initial_seed() != two.generator.initial_seed()
+
+
+def test_submit_does_not_wait_for_an_adapter_being_bound(served, monkeypatch):
+    """Binding may page an adapter in: the scheduler's lock is not held meanwhile, so submit (called on the
+    server's event loop) returns at once."""
+    import threading
+
+    engine = engine_for(served)
+    entered, release = threading.Event(), threading.Event()
+    real = engine.bind
+
+    def slow_bind(reqs):
+        entered.set()
+        assert release.wait(10)
+        real(reqs)
+
+    monkeypatch.setattr(engine, "bind", slow_bind)
+    first = engine.submit(Request([5, 6, 7], "a", max_new_tokens=2))
+    stepper = threading.Thread(target=engine.step)
+    stepper.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=engine.submit, args=(Request([8, 9], "b", max_new_tokens=2),))
+    second.start()
+    second.join(5)
+    submitted = not second.is_alive()
+    release.set()
+    stepper.join(10)
+    assert submitted and first.out_ids

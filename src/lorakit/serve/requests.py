@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,9 +47,10 @@ class Request:
             raise ConfigError(f"temperature must be in [0, 100], got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.temperature > 0:
+        if self.temperature > 0:  # a fresh seed; not torch.seed(), which reseeds every device's generator and
+            # formats a stack trace for each (tens of ms on the server's event loop under load)
             self.generator = torch.Generator()
-            self.generator.manual_seed(self.seed if self.seed is not None else int(torch.seed() % (2**63)))
+            self.generator.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
 
     @property
     def sort_key(self) -> tuple[int, int, int]:

@@ -94,23 +94,28 @@ class Scheduler:
             self.running, self.kv = [], None
 
     def _admit(self, new: list[Request]) -> None:
-        """Move waiting requests into ``new`` (bound to slots) while the batch and the slots allow."""
-        with self.wake:
-            while self.waiting and len(self.running) + len(new) < self.max_batch:
+        """Move waiting requests into ``new`` (bound to slots) while the batch and the slots allow.
+
+        The lock is held only to take a request off the queue: binding may page an adapter in, and
+        ``submit`` (on the server's event loop) must never wait for that."""
+        while len(self.running) + len(new) < self.max_batch:
+            with self.wake:
+                if not self.waiting:
+                    return
                 req = self.waiting[0]
                 if req.cancelled:
                     self.waiting.popleft()
                     self._finish(req, "cancelled", None, bound=False)
                     continue
                 if not self.runner.can_bind([*self.running, *new, req]):
-                    break
+                    return
                 self.waiting.popleft()
-                try:
-                    self.runner.bind([req])
-                except Exception as e:  # noqa: BLE001 - e.g. removed while it waited: this request fails alone
-                    self._finish(req, "error", str(e), bound=False)
-                    continue
-                new.append(req)
+            try:
+                self.runner.bind([req])
+            except Exception as e:  # noqa: BLE001 - e.g. removed while it waited: this request fails alone
+                self._finish(req, "error", str(e), bound=False)
+                continue
+            new.append(req)
 
     def _prefill(self, new: list[Request]) -> None:
         new.sort(key=lambda r: r.sort_key)

@@ -116,7 +116,8 @@ class _Server:
         """``text`` without the server's own folders (the adapters dir and a local base dir)."""
         return redact(text, self.roots)
 
-    def auth(self, request: HttpRequest) -> None:
+    async def auth(self, request: HttpRequest) -> None:
+        """The API-key check (async: FastAPI would run a plain function on a worker thread per request)."""
         if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
