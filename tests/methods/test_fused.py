@@ -110,3 +110,44 @@ def test_fused_dropout_is_unbiased_and_drops_at_rate_p():
     standard_error = draws.std(0) / math.sqrt(len(draws))
     assert ((draws.mean(0) - exact).abs() < 5 * standard_error + 1e-5).all()  # E[dropout(x)] = x
     assert (draws.std(0) > 0.01).all()  # and each draw does drop something
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4g"])
+def test_fused_node_on_a_quantized_base_equals_the_unfused_chain_and_keeps_no_weight(kind, monkeypatch):
+    """QLoRA trains through the fused node too: the weight is dequantized for the forward and again for the
+    backward, so no dequantized (out, in) copy stays alive between them."""
+    if kind == "nf4":
+        pytest.importorskip("bitsandbytes")
+    import lorakit as lk
+    from lorakit.methods.lowrank.lora import Lora
+    from lorakit.testing import randomize_adapters, tiny_llama
+
+    model = lk.quantize(tiny_llama(seed=1), kind)
+    lk.attach(model, lk.method_config("lora", r=4, alpha=8.0), targets="all-linear")
+    randomize_adapters(model, seed=2, std=0.2)
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, 64)
+    assert q.adapters["default"].fused_forward(x, q.base_layer) is not None
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Lora, "fused_forward", lambda self, x, base: None)
+        saved: list[tuple[int, ...]] = []
+
+        def pack(t: torch.Tensor, saved: list[tuple[int, ...]] = saved) -> torch.Tensor:
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        results.append((loss.detach(), grads, saved))
+    (loss_f, grads_f, saved_f), (loss_u, grads_u, _) = results
+    torch.testing.assert_close(loss_f, loss_u, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads_f, grads_u, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    weight_shapes = {(64, 64), (128, 64), (64, 128), (32, 64)}  # tiny_llama's q/k/v/o/MLP weights (out, in)
+    assert not weight_shapes & set(saved_f)

@@ -8,6 +8,8 @@ functions below, which dispatch on the layer's kind; importing this package regi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -75,6 +77,17 @@ def is_quantized(base: nn.Module) -> bool:
     """Whether the layer is of a registered kind that stores its weight quantized (nothing can be written into it)."""
     kind = kind_of(base)
     return kind is not None and kind.quantized
+
+
+def dequantized_forward(base: nn.Module, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
+    """For a quantized layer whose forward on an input of ``dtype`` is exactly ``F.linear(x, Ŵ, bias)`` with
+    Ŵ = ``weight_out_in(base)`` in that dtype (the kind declares it through ``forward_dtype``): a function
+    building Ŵ, so a fused training node can rebuild it in its backward pass instead of keeping it. Else None."""
+    kind = kind_of(base)
+    forward_dtype = getattr(kind, "forward_dtype", None)
+    if kind is None or not kind.quantized or forward_dtype is None or forward_dtype(base, dtype) != dtype:
+        return None
+    return lambda: kind.weight_out_in(base).to(dtype)
 
 
 def require_dense(base: nn.Module, what: str) -> None:

@@ -71,6 +71,10 @@ class LayerKind(Protocol):
         kinds need not define it: ``layers.store`` writes their weight directly."""
         ...
 
+    # Optional, quantized kinds: ``forward_dtype(base, x_dtype) -> torch.dtype``, the dtype d in which the
+    # layer's forward on an x_dtype input is exactly F.linear(x.to(d), weight_out_in(base).to(d), bias). A kind
+    # that declares it lets fused training nodes dequantize the weight themselves (layers.dequantized_forward).
+
 
 KINDS: dict[str, type[LayerKind]] = {}
 _BY_TYPE: dict[type, type[LayerKind] | None] = {}  # cache: module class -> its kind (None: unsupported)

@@ -46,6 +46,11 @@ class Bnb4bit:
         return F.linear(x.to(A.dtype), A)  # (..., r)
 
     @staticmethod
+    def forward_dtype(base: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
+        """bitsandbytes' 4-bit forward is x·Ŵᵀ in the compute dtype (the input's when none is set)."""
+        return getattr(base, "compute_dtype", None) or x_dtype
+
+    @staticmethod
     def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x·Ŵᵀ through bitsandbytes, computed in the layer's compute dtype, returned in x's dtype."""
         bnb = importlib.import_module("bitsandbytes")

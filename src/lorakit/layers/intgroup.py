@@ -41,6 +41,10 @@ class IntGroup:
         return F.linear(x.to(A.dtype), A)  # (..., r)
 
     @staticmethod
+    def forward_dtype(base: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
+        return x_dtype  # IntGroupLinear's forward: F.linear(x, Ŵ.to(x.dtype), bias)
+
+    @staticmethod
     def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, base.dequantized().to(x.dtype))  # type: ignore[operator]
 

@@ -23,6 +23,7 @@ written back at the dropped positions (gathered before the add): no (N, in) temp
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,11 +66,14 @@ def _dropped(x2: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
 
 
 class LoraLinearFn(torch.autograd.Function):
+    """``W`` is the frozen (out, in) weight, or a function that builds it (a quantized base's dequantizer):
+    then it is built again for the backward pass instead of being kept (QLoRA's memory saving)."""
+
     @staticmethod
     def forward(
         ctx: Any,
         x: torch.Tensor,
-        W: torch.Tensor,
+        W: torch.Tensor | Callable[[], torch.Tensor],
         bias: torch.Tensor | None,
         A: torch.Tensor,
         B: torch.Tensor,
@@ -77,12 +81,13 @@ class LoraLinearFn(torch.autograd.Function):
         p: float,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = F.linear(x2, W, bias)  # (N, out)
+        ctx.rebuild = None if isinstance(W, torch.Tensor) else W
+        y = F.linear(x2, W if isinstance(W, torch.Tensor) else W(), bias)  # (N, out)
         idx = drop_positions(x2.numel(), p, x2.device) if p > 0 else None  # (K,) dropped flat positions
         keep = 1.0 / (1.0 - p)
         h = (_dropped(x2, idx) @ A.T).mul_(keep)  # (N, r)
         y.addmm_(h, B.T, alpha=scale)  # (N, out) += (N, r)(r, out)
-        ctx.save_for_backward(x2, W, A, B, h, idx)
+        ctx.save_for_backward(x2, W if ctx.rebuild is None else None, A, B, h, idx)
         ctx.scale, ctx.keep, ctx.shape = scale, keep, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -96,7 +101,7 @@ class LoraLinearFn(torch.autograd.Function):
         gA = (gh.T @ _dropped(x2, idx)).mul_(keep)  # (r, in)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = g @ W  # (N, in)
+            gx = g @ (W if ctx.rebuild is None else ctx.rebuild())  # (N, in)
             base_at_dropped = None if idx is None else gx.view(-1)[idx]  # the LoRA adds nothing there
             gx.addmm_(gh, A, alpha=keep)
             if base_at_dropped is not None:

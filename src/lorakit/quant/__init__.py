@@ -12,6 +12,10 @@ on a quantized base (QLoRA) without knowing the backend.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import sys
 from collections.abc import Sequence
 
 from torch import nn
@@ -65,7 +69,20 @@ def quantize(model: nn.Module, kind: str = "nf4", *, skip: Sequence[str] = ("lm_
         _replace(model, name, layer)
     if spec.backend == "bitsandbytes" and spec.bits in FLAGS:
         setattr(model, FLAGS[spec.bits], True)
+    del chosen, new
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed tensors back to the OS (glibc). Its heap keeps freed blocks of a replaced model's
+    weight size (glibc raises its mmap threshold as large blocks are freed), so without this the float weights
+    quantizing freed still count in RSS, and later tensors fill them unevenly (measured: +410 MB RSS on
+    SmolLM2's shape)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def dequantize(model: nn.Module) -> nn.Module:

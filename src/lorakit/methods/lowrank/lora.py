@@ -120,13 +120,18 @@ class Lora(AdapterModule):
         return torch.nn.functional.linear(h, self.out_B(), self.b) * self.scale  # (..., out)
 
     def fused_forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor | None:
-        """Training on a frozen nn.Linear: base and adapter in one autograd node (methods/_fused.py)."""
+        """Training on a frozen nn.Linear or a quantized linear base: base and adapter in one autograd node
+        (methods/_fused.py); a quantized weight is dequantized for the forward and again for the backward."""
         hooked = base._forward_hooks or base._forward_pre_hooks or type(self).out_B is not Lora.out_B  # raw B only
-        if type(base) is not nn.Linear or self.b is not None or not torch.is_grad_enabled() or hooked:
+        if self.b is not None or not torch.is_grad_enabled() or hooked:
             return None
-        W, bias = base.weight, base.bias
-        frozen = not W.requires_grad and (bias is None or not bias.requires_grad)
-        if not (frozen and x.dtype == W.dtype == self.A.dtype):
+        W: Any = base.weight if type(base) is nn.Linear else L.dequantized_forward(base, x.dtype)
+        if W is None:
+            return None
+        frozen = not isinstance(W, torch.Tensor) or not W.requires_grad  # a rebuilt weight is never trained
+        dtype = W.dtype if isinstance(W, torch.Tensor) else x.dtype
+        bias = L.base_bias(base)
+        if not (frozen and (bias is None or not bias.requires_grad) and x.dtype == dtype == self.A.dtype):
             return None
         p = float(getattr(self.dropout, "p", 0.0)) if self.training else 0.0
         return LoraLinearFn.apply(x, W, bias, self.A, self.B, self.scale, p)
