@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lorakit import layers as L
 from lorakit._buffers import scratch
 
 
@@ -63,6 +65,19 @@ def _dropped(x2: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     xd = scratch(x2.shape, x2.dtype, x2.device, slot=0).copy_(x2)
     xd.view(-1).index_fill_(0, idx, 0.0)
     return xd
+
+
+def frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor | Callable[[], torch.Tensor] | None:
+    """What LoraLinearFn takes as ``W`` for training on ``base`` with inputs of ``dtype``: a frozen nn.Linear's
+    weight, or a quantized linear base's dequantizer (``layers.dequantized_forward``); None when neither applies
+    (trainable weight or bias, another dtype, another layer type), and the caller takes the unfused path."""
+    if not torch.is_grad_enabled():
+        return None
+    W: Any = base.weight if type(base) is nn.Linear else L.dequantized_forward(base, dtype)
+    bias = L.base_bias(base) if W is not None else None
+    if W is None or (isinstance(W, torch.Tensor) and (W.requires_grad or W.dtype != dtype)):
+        return None
+    return None if bias is not None and bias.requires_grad else W
 
 
 class LoraLinearFn(torch.autograd.Function):

@@ -19,7 +19,7 @@ from lorakit import layers as L
 from lorakit.init import _api as inits
 from lorakit.lowrank import truncate
 from lorakit.methods._api import AdapterModule, LoraFactors, register, require
-from lorakit.methods._fused import LoraLinearFn
+from lorakit.methods._fused import LoraLinearFn, frozen_weight
 
 # option -> PEFT's adapter_config.json field
 PEFT_NAMES = dict(r="r", alpha="lora_alpha", dropout="lora_dropout", rslora="use_rslora", lora_bias="lora_bias")
@@ -123,18 +123,11 @@ class Lora(AdapterModule):
         """Training on a frozen nn.Linear or a quantized linear base: base and adapter in one autograd node
         (methods/_fused.py); a quantized weight is dequantized for the forward and again for the backward."""
         hooked = base._forward_hooks or base._forward_pre_hooks or type(self).out_B is not Lora.out_B  # raw B only
-        if self.b is not None or not torch.is_grad_enabled() or hooked:
-            return None
-        W: Any = base.weight if type(base) is nn.Linear else L.dequantized_forward(base, x.dtype)
+        W = None if self.b is not None or hooked or x.dtype != self.A.dtype else frozen_weight(base, x.dtype)
         if W is None:
             return None
-        frozen = not isinstance(W, torch.Tensor) or not W.requires_grad  # a rebuilt weight is never trained
-        dtype = W.dtype if isinstance(W, torch.Tensor) else x.dtype
-        bias = L.base_bias(base)
-        if not (frozen and (bias is None or not bias.requires_grad) and x.dtype == dtype == self.A.dtype):
-            return None
         p = float(getattr(self.dropout, "p", 0.0)) if self.training else 0.0
-        return LoraLinearFn.apply(x, W, bias, self.A, self.B, self.scale, p)
+        return LoraLinearFn.apply(x, W, L.base_bias(base), self.A, self.B, self.scale, p)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         B = self.out_B()
