@@ -55,8 +55,9 @@ def test_forward_is_the_fake_quantized_merged_weight(kind, bits):
         torch.testing.assert_close(model(x), ref(x), atol=1e-6, rtol=0)
     q = (expected / a.step[0][:, None]).detach()  # the integer grid, up to the division's rounding
     assert (q - q.round()).abs().max() < 1e-4 and len(torch.unique(q.round())) <= 2**bits
-    with torch.enable_grad():  # the training path (fused_forward) gives the same values
-        assert torch.equal(model(x).detach(), model(x).detach())
+    with torch.no_grad():
+        y = model(x)
+    assert torch.equal(model(x).detach(), y)  # the training path (fused_forward) gives the same values
 
 
 def test_ste_and_lsq_gradients_match_the_hand_formula():
@@ -149,6 +150,8 @@ def test_bad_input_fails_clearly():
     for t in (3, -1, 1.0):
         with pytest.raises(lk.ConfigError, match=r"timestep must be an integer in \[0, 3\)"):
             set_timestep(model, t)
+    with pytest.raises(lk.ConfigError, match=r"timestep must be in \[0, 3\)"):
+        model[0].adapters["default"].to_integer(model[0].base_layer, 3)
     with pytest.raises(lk.ConfigError, match="found no efficientdm adapter"):
         set_timestep(nn.Linear(2, 2), 0)
     with pytest.raises(lk.ConfigError, match="groups=2"):

@@ -122,12 +122,13 @@ class Efficientdm(AdapterModule):
         return L.forward_with(base, x, self.fake_quant(base).to(x.dtype))
 
     def to_integer(self, base: nn.Module, timestep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes (out, in) int8, Δ_t (out, 1)): codes·Δ_t equals ``fake_quant`` bit for bit (in (out, in) view;
-        ``layers.to_base_layout`` turns it into the layer's weight)."""
+        """(codes (out, in) int8, Δ_t (out, 1)) of ``timestep`` (default: the active one): codes.to(Δ_t.dtype)·Δ_t
+        is ``fake_quant`` bit for bit (``layers.to_base_layout`` turns it into the layer's weight)."""
+        t = self.timestep if timestep is None else timestep
+        require(0 <= t < len(self.step), f"timestep must be in [0, {len(self.step)}) (config timesteps), got {t}.")
         with torch.no_grad():
-            t = self.timestep if timestep is None else timestep
             step = self.step[t]  # (out,)
-            codes = (self.fake_quant(base, t) / step[:, None]).round()  # exact: Q/Δ is the integer code
+            codes = (self.fake_quant(base, t) / step[:, None]).round()  # (c·Δ)/Δ is c up to rounding: round() is c
         return codes.to(torch.int8), step.detach()[:, None].clone()
 
     def delta_out_in(self, base: nn.Module) -> torch.Tensor:
