@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
@@ -57,6 +60,40 @@ def smollm2_shape(layers: int = 30, seed: int = 0) -> LlamaForCausalLM:
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     )
     return LlamaForCausalLM(config).eval()
+
+
+class TinyUNet(nn.Module):
+    """A random ε-prediction UNet for diffusion tests: ε̂ = f(x_t (N, C, H, W), t (N,)), H and W even.
+
+    conv_in → down (stride-2 conv, plus a sinusoidal timestep embedding through ``time``) → mid → nearest ×2
+    upsample and ``up`` → concatenated with the conv_in skip → conv_out; SiLU between. Every layer an adapter
+    targets is an nn.Conv2d (groups=1) but ``time`` (an nn.Linear)."""
+
+    def __init__(self, channels: int = 3, width: int = 16, embed: int = 32):
+        super().__init__()
+        self.embed = embed
+        self.time = nn.Linear(embed, 2 * width)
+        self.conv_in = nn.Conv2d(channels, width, 3, padding=1)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.up = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.conv_out = nn.Conv2d(2 * width, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(-math.log(10_000) * torch.arange(self.embed // 2, device=x.device) / (self.embed // 2))
+        angles = t.float()[:, None] * freqs  # (N, embed/2)
+        e = self.time(torch.cat([angles.sin(), angles.cos()], dim=1))  # (N, 2w)
+        h1 = F.silu(self.conv_in(x))  # (N, w, H, W)
+        h2 = F.silu(self.down(h1) + e[:, :, None, None])  # (N, 2w, H/2, W/2)
+        h2 = F.silu(self.mid(h2))  # (N, 2w, H/2, W/2)
+        u = F.silu(self.up(F.interpolate(h2, scale_factor=2.0, mode="nearest")))  # (N, w, H, W)
+        return self.conv_out(torch.cat([u, h1], dim=1))  # (N, C, H, W)
+
+
+def tiny_unet(seed: int = 0, *, channels: int = 3, width: int = 16) -> TinyUNet:
+    """A random :class:`TinyUNet` in eval mode."""
+    torch.manual_seed(seed)
+    return TinyUNet(channels, width).eval()
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:

@@ -58,7 +58,10 @@ class Case:
 
 # a method whose forward quantizes W itself: a bf16 base moves codes across rounding boundaries (a whole
 # quantization step per flipped code, not bf16's rounding error), so its logits are not within bf16 tolerance
-BF16_EXCLUDED = {"ofa_quant": "ofa_quant quantizes W in its forward: bf16-rounded W flips 2-bit codes"}
+BF16_EXCLUDED = {
+    "ofa_quant": "ofa_quant quantizes W in its forward: bf16-rounded W flips 2-bit codes",
+    "efficientdm": "efficientdm quantizes W + s·B·A in its forward: bf16-rounded W and steps flip 0.3% of its codes",
+}
 SPECS = {str(c): c for c in [Case(m) for m in REGISTRY] + [Case(m, i) for i in INITS for m in INITS[i].methods]}
 METHODS = sorted(SPECS)
 CASES = [pytest.param(m, k, id=f"{m}-{k}") for m in METHODS for k in MODELS]

@@ -16,19 +16,21 @@ from lorakit.layers._api import _BY_TYPE, KINDS, register_kind
 
 
 def test_the_builtin_kinds_and_a_clear_error_for_other_layers():
-    assert {k: KINDS[k].family for k in ("linear", "conv1d", "embedding")} == {
+    assert {k: KINDS[k].family for k in ("linear", "conv1d", "embedding", "conv2d")} == {
         "linear": "linear",
         "conv1d": "conv1d",
         "embedding": "embedding",
+        "conv2d": "conv2d",
     }
-    assert [L.layer_kind(m) for m in (nn.Linear(3, 2), Conv1D(2, 3), nn.Embedding(5, 2))] == [
+    assert [L.layer_kind(m) for m in (nn.Linear(3, 2), Conv1D(2, 3), nn.Embedding(5, 2), nn.Conv2d(2, 3, 3))] == [
         "linear",
         "conv1d",
         "embedding",
+        "conv2d",
     ]
     assert L.dims(Conv1D(2, 3)) == (3, 2) and L.dims(nn.Embedding(5, 2)) == (5, 2)
-    with pytest.raises(lk.TargetError, match=r"module 'x' is a torch.nn.modules.conv.Conv2d.*supported types are"):
-        L.layer_kind(nn.Conv2d(1, 1, 1), "x")
+    with pytest.raises(lk.TargetError, match=r"module 'x' is a torch.nn.modules.conv.Conv3d.*supported types are"):
+        L.layer_kind(nn.Conv3d(1, 1, 1), "x")
 
 
 class TransposedLinear(nn.Module):

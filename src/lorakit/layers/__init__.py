@@ -2,7 +2,8 @@
 
 Every kind is seen through one lens, a linear map from ``in`` to ``out``: ``nn.Linear`` stores W as
 (out, in); transformers' GPT-2 ``Conv1D`` stores (in, out); ``nn.Embedding`` stores (num_embeddings,
-dim) and is linear in the one-hot token. Methods work in (out, in) orientation and call the
+dim) and is linear in the one-hot token; ``nn.Conv2d`` (groups=1) is W (out, in·kh·kw) on each input patch,
+its own family "conv2d" (outputs channels first). Methods work in (out, in) orientation and call the
 functions below, which dispatch on the layer's kind; importing this package registers every kind.
 """
 
@@ -39,7 +40,7 @@ def _kind(base: nn.Module, name: str = "") -> type[LayerKind]:
 
 
 def layer_kind(base: nn.Module, name: str = "") -> str:
-    """The layer's family ('linear', 'conv1d', 'embedding'), which methods declare they wrap; an unsupported
+    """The layer's family ('linear', 'conv1d', 'embedding', 'conv2d'), which methods declare they wrap; an unsupported
     type is a TargetError naming it."""
     return _kind(base, name).family
 
@@ -67,6 +68,11 @@ def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tenso
 def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """W·x without the bias (DoRA rescales only the weight's contribution)."""
     return _kind(base).base_linear(base, x)
+
+
+def forward_with(base: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The layer's output with the (out, in) matrix W in place of its weight, bias and settings its own."""
+    return _kind(base).forward_with(base, x, W)
 
 
 def base_bias(base: nn.Module) -> torch.Tensor | None:
@@ -130,4 +136,4 @@ def assign(base: nn.Module, W: torch.Tensor) -> None:
 
 __all__ = ["KINDS", "LayerKind", "base_bias", "base_linear", "dims", "is_quantized", "kind_of", "layer_kind"]
 __all__ += ["project_in", "register_kind", "require_dense", "subtract", "supported_types", "to_base_layout"]
-__all__ += ["assign", "store", "types_of", "weight_out_in"]
+__all__ += ["assign", "forward_with", "store", "types_of", "weight_out_in"]

@@ -13,6 +13,7 @@ from functools import reduce
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.registry import add_entry
@@ -65,6 +66,13 @@ class LayerKind(Protocol):
         ...
 
     @staticmethod
+    def forward_with(base: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """The layer's output with the (out, in) matrix W in place of its weight (its bias and settings kept), in
+        the ops of the layer's own forward where the kind is dense, so a layer holding W gives the same bits
+        (a method that replaces the weight outright: EfficientDM's fake-quantized W + s·B·A)."""
+        ...
+
+    @staticmethod
     def requantize(base: nn.Module, W: torch.Tensor) -> None:
         """Quantized kinds only: store the (out, in) matrix W in the layer, in place, quantized again with the
         layer's own quantizer (its type, block size and dtype), as quantizing a fresh Linear holding W would. Dense
@@ -74,6 +82,13 @@ class LayerKind(Protocol):
     # Optional, quantized kinds: ``forward_dtype(base, x_dtype) -> torch.dtype``, the dtype d in which the
     # layer's forward on an x_dtype input is exactly F.linear(x.to(d), weight_out_in(base).to(d), bias). A kind
     # that declares it lets fused training nodes dequantize the weight themselves (layers.dequantized_forward).
+
+
+def linear_forward_with(base: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``forward_with`` of every kind in the linear map's own orientation (Linear, GPT-2's Conv1D, the quantized
+    Linears): x·Wᵀ + b by ``F.linear``, nn.Linear's own forward (the casts are no-ops on a float base)."""
+    bias: torch.Tensor | None = base.bias  # type: ignore[assignment]
+    return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 KINDS: dict[str, type[LayerKind]] = {}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers._api import register_kind
+from lorakit.layers._api import linear_forward_with, register_kind
 
 
 @register_kind
@@ -23,6 +23,7 @@ class Bnb4bit:
     family = "linear"
     types = ("bitsandbytes.nn.modules:Linear4bit",)
     quantized = True
+    forward_with = staticmethod(linear_forward_with)
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

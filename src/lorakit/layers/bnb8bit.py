@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers._api import register_kind
+from lorakit.layers._api import linear_forward_with, register_kind
 
 
 @register_kind
@@ -22,6 +22,7 @@ class Bnb8bit:
     family = "linear"
     types = ("bitsandbytes.nn.modules:Linear8bitLt",)
     quantized = True
+    forward_with = staticmethod(linear_forward_with)
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

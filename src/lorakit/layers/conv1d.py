@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
-from lorakit.layers._api import register_kind
+from lorakit.layers._api import linear_forward_with, register_kind
 
 
 @register_kind
@@ -16,6 +16,7 @@ class Conv1D:
     family = "conv1d"
     types = (HFConv1D,)
     quantized = False
+    forward_with = staticmethod(linear_forward_with)
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:

@@ -44,3 +44,8 @@ class Embedding:
     @staticmethod
     def base_bias(base: nn.Module) -> torch.Tensor | None:
         return None
+
+    @staticmethod
+    def forward_with(base: nn.Module, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        e: nn.Embedding = base  # type: ignore[assignment]
+        return F.embedding(x, W.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)

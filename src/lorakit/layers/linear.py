@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers._api import register_kind
+from lorakit.layers._api import linear_forward_with, register_kind
 
 
 @register_kind
@@ -15,6 +15,7 @@ class Linear:
     family = "linear"
     types = (nn.Linear,)
     quantized = False
+    forward_with = staticmethod(linear_forward_with)
 
     @staticmethod
     def dims(base: nn.Module) -> tuple[int, int]:
