@@ -112,6 +112,15 @@ def test_the_default_calibration_batch_is_the_built_in_text(tiny_checkpoint, ada
     assert saved["max_abs_logit"] == pytest.approx(report.max_abs_logit, rel=1e-5)
 
 
+def test_a_full_precision_merge_over_it_leaves_no_stale_report(tiny_checkpoint, adapter, tmp_path):
+    out = tmp_path / "m"
+    assert invoke("--base", tiny_checkpoint, "--adapter", adapter, "--out", out, "--quantize", "nf4").exit_code == 0
+    assert (out / "drift.json").is_file()
+    result = invoke("--base", tiny_checkpoint, "--adapter", adapter, "--out", out)  # onto the float base this time
+    assert result.exit_code == 0 and "merge drift" not in result.stdout, result.output
+    assert (out / "config.json").is_file() and not (out / "drift.json").exists()
+
+
 def test_a_drift_over_the_threshold_warns_and_names_the_layers(tiny_checkpoint, tmp_path):
     small = qlora(tiny_checkpoint, tmp_path / "small", std=1e-4)  # far below NF4's step: re-quantizing loses it
     result = invoke("--base", tiny_checkpoint, "--adapter", small, "--out", tmp_path / "m", "--quantize", "nf4")

@@ -107,13 +107,18 @@ def _into_base(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path = merge_into_base(base, adapter, target, calibration=text, **options)
-    for w in caught:  # lk.merge's over-threshold warning names the layers; a QLoRA adapter's note
+    for w in caught:  # lorakit's own (lk.merge's over-threshold layers, a QLoRA adapter's note) as lines
         message = str(w.message)
-        err.print(message if message.startswith("note:") else f"warning: {message}", soft_wrap=True, markup=False)
+        if "lorakit" not in Path(w.filename).parts:  # a library's: shown, or not, as Python would have
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif message.startswith("note:"):
+            err.print(message, soft_wrap=True, markup=False)
+        else:
+            err.print(f"warning: {message}", soft_wrap=True, markup=False)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
-    if (path / DRIFT_NAME).is_file():
+    if options["quantize"] is not None:
         _print_drift(MergeDrift.load(path / DRIFT_NAME), options["quantize"])
-    extra = f" + {DRIFT_NAME}" if (path / DRIFT_NAME).is_file() else ""
+    extra = f" + {DRIFT_NAME}" if options["quantize"] is not None else ""
     out.print(f"wrote {path}: {len(shards)} safetensors shard(s) + tokenizer{extra}", soft_wrap=True)
 
 

@@ -100,4 +100,6 @@ def merge_into_base(
             tok.save_pretrained(tmp)
         if report is not None:
             report.save(tmp / DRIFT_NAME)
+    if report is None:  # atomic_dir keeps the files of an earlier write: not a report of another merge
+        (Path(out) / DRIFT_NAME).unlink(missing_ok=True)
     return Path(out)
