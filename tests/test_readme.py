@@ -75,6 +75,15 @@ def tiny_adapter(base, folder, seed):
     return lk.save_adapter(model, folder)
 
 
+def tiny_qlora(base, folder):
+    """A randomized LoRA on the tiny checkpoint quantized to NF4 (the demo's adapters/date-qlora)."""
+    from lorakit.testing import randomize_adapters
+
+    model = lk.attach(lk.load_base(str(base), quantize="nf4")[0], lk.method_config("lora", r=4), targets="all-linear")
+    randomize_adapters(model, seed=3, std=0.05)
+    return lk.save_adapter(model, folder)
+
+
 def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
     commands = cli_commands()
     assert {c[0] for c in commands} == {c.name or c.callback.__name__ for c in app.registered_commands}, (
@@ -95,11 +104,16 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         "runs/analysis": str(tmp_path / "analysis"),
         "adapters/collection": str(tmp_path / "collection"),
         "exported/vllm": str(tmp_path / "vllm"),
+        "runs/demo/adapters/date-qlora": str(tiny_qlora(tiny_checkpoint, tmp_path / "date-qlora")),
+        "models/date-nf4": str(tmp_path / "date-nf4"),
+        "models/date-dense": str(tmp_path / "date-dense"),
     }
     for args in commands:
         args = [swap.get(a, a) for a in args]
         if args[0] == "extract":  # the README extracts from SmolLM2; here from the tiny checkpoint and its fine-tune
             args += ["--base", str(tiny_checkpoint)]
+        if args[0] == "merge" and "--quantize" in args:  # the README merges the demo's SmolLM2 QLoRA
+            args[args.index("--base") + 1] = str(tiny_checkpoint)
         if args[0] == "demo":  # `make demo` runs it on SmolLM2; here the same code runs on the tiny checkpoint
             args += ["--base", str(tiny_checkpoint), "--steps", "3"]
         if args[0] == "train":  # the same command on the tiny checkpoint, a few steps (a repeated flag: last wins)
@@ -114,6 +128,8 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         assert result.exit_code == 0, (args, result.output)
         assert result.stdout.strip(), args
     assert (tmp_path / "demo" / "summary.json").is_file()
+    for merged in ("date-nf4", "date-dense"):  # the quantized merges: a checkpoint and its drift report
+        assert (tmp_path / merged / "config.json").is_file() and (tmp_path / merged / "drift.json").is_file()
 
 
 def test_python_snippets_run(tmp_path, monkeypatch):

@@ -179,3 +179,8 @@ def test_demo_lifecycle_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     assert inspected["trainable_params"] == s["trainable_params"]
     assert inspected["target_modules"] == s["adapted_modules"] == 14  # all-linear on 2 layers
     assert torch.isfinite(torch.tensor(s["losses"])).all()
+    # the short QLoRA step: the same LoRA on the NF4-quantized base, scored on the same questions, saved
+    assert s["qlora_on_quantized"] and s["qlora_loss_after"] < s["qlora_loss_before"]
+    assert 0.0 <= s["qlora_accuracy"] <= 1.0 and "QLoRA (nf4 base, 3 steps)" in result.stdout
+    qlora = json.loads(invoke("inspect", s["qlora_dir"], "--json").stdout)
+    assert Path(s["qlora_dir"]).name == "date-qlora" and qlora["target_modules"] == 14

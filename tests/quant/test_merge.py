@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.quant import merge_drift, quantized_kinds
+from lorakit.quant._merge import reload_change
 from lorakit.testing import randomize_adapters, tiny_llama
 from tests.helpers import logits, tokens
 
@@ -65,3 +66,17 @@ def test_bad_input_and_full_precision_bases():
         lk.merge(adapted(), quantized="nf4")
     plain = lk.attach(tiny_llama(), lk.method_config("lora", r=2))
     assert merge_drift(lk.merge(plain)) is None  # no quantized layer: no report
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8", "int4g", "int3g"])
+def test_a_requantized_merge_maps_its_own_values_onto_itself(kind):
+    """What `lorakit merge --into-base --quantize` relies on: it saves the merged layers' float values, and
+    quantizing them again with the same kind gives the same quantized weights (exactly for bitsandbytes)."""
+    merged = lk.merge(adapted(kind))
+    assert reload_change(merged) <= (0 if kind in ("nf4", "fp4", "int8") else 1e-6)
+
+
+def test_zero_points_that_absorbed_a_qalora_delta_do_not_reload_exactly():
+    model = lk.attach(lk.quantize(tiny_llama(seed=2), "int4g"), lk.method_config("qalora", r=4, group_size=32))
+    randomize_adapters(model, seed=1, std=0.3)
+    assert reload_change(lk.merge(model)) > 1e-3  # shifted zero points: a new min-max grid (0 in range) differs

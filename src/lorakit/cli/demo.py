@@ -2,9 +2,9 @@
 
 load base -> held-out accuracy on a built-in task -> attach LoRA -> train (lorakit's loop) ->
 held-out accuracy again -> save -> reload onto a fresh base (logits must match) -> merge
-(logits must match) -> fully fine-tune the top blocks and extract a LoRA from them -> merge the two
-adapters -> analyse the trained one -> serve all of them plus 100 synthetic ones from one engine ->
-plot -> summary.
+(logits must match) -> a short QLoRA on the base quantized to NF4 -> fully fine-tune the top blocks
+and extract a LoRA from them -> merge the two adapters -> analyse the trained one -> serve all of them
+plus 100 synthetic ones from one engine -> plot -> summary.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from torch import nn
 
 from lorakit.cli._common import err, friendly_errors, human_bytes, out
 from lorakit.cli.demo_serve import BATCH, SYNTHETIC, serve_step
-from lorakit.cli.demo_steps import EXTRACT_ENERGY, FT_LAYERS, compose_step, extract_step
+from lorakit.cli.demo_steps import (
+    EXTRACT_ENERGY,
+    FT_LAYERS,
+    QLORA_KIND,
+    QLORA_STEPS,
+    compose_step,
+    extract_step,
+    qlora_step,
+)
 from lorakit.inject import AdaptedLayer, wrappers
 from lorakit.train.tasks import TASKS
 
@@ -176,13 +184,16 @@ def run_demo(
     s["merged_is_plain"] = not any(isinstance(m, AdaptedLayer) for m in merged.modules())
     del fresh, merged
 
-    out.rule(f"6. fully fine-tune the top {FT_LAYERS} blocks, extract a LoRA (PHLoRA, energy {EXTRACT_ENERGY})")
+    out.rule(f"6. QLoRA: the same LoRA on the base quantized to {QLORA_KIND}, {QLORA_STEPS} steps")
+    s.update(qlora_step(base, TASK, records, held, chat, out_dir, pad))
+
+    out.rule(f"7. fully fine-tune the top {FT_LAYERS} blocks, extract a LoRA (PHLoRA, energy {EXTRACT_ENERGY})")
     s.update(extract_step(base, records, batch, out_dir, pad))
 
-    out.rule("7. merge the trained and the extracted adapters; analyse the trained one")
+    out.rule("8. merge the trained and the extracted adapters; analyse the trained one")
     s.update(compose_step(base, adapter_dir, Path(s["extract_dir"]), out_dir))
 
-    out.rule(f"8. serve the adapters (+{SYNTHETIC} synthetic) from one engine, one mixed batch")
+    out.rule(f"9. serve the adapters (+{SYNTHETIC} synthetic) from one engine, one mixed batch")
     from lorakit.train.evaluate import _prompt_ids
 
     served = {TASK: adapter_dir, "extracted": Path(s["extract_dir"]), "merged": Path(s["merged_dir"])}
@@ -198,6 +209,7 @@ def run_demo(
         and s["merged_is_plain"]
         and s["extract_logits_rel"] < s["ft_effect_rel"]
         and s["serve_matches_trained"]
+        and ("qlora_skipped" in s or (s["qlora_on_quantized"] and s["qlora_loss_after"] < s["qlora_loss_before"]))
     )
     (out_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     return s
@@ -223,6 +235,15 @@ def _summary_table(s: dict[str, Any]) -> Table:
         f"{s['accuracy_before']:.0%} -> {s['accuracy_after']:.0%} "
         f"({100 * (s['accuracy_after'] - s['accuracy_before']):+.0f} points)",
     )
+    if "qlora_skipped" in s:
+        t.add_row("QLoRA", f"skipped: {s['qlora_skipped']}")
+    else:
+        t.add_row(
+            f"QLoRA ({s['qlora_kind']} base, {s['qlora_steps']} steps): held-out exact match",
+            f"{s['qlora_accuracy']:.0%} (fp32 LoRA, {s['steps']} steps: {s['accuracy_after']:.0%}); loss "
+            f"{s['qlora_loss_before']:.3f} -> {s['qlora_loss_after']:.3f}; {s['qlora_s']:.0f} s in all",
+        )
+        t.add_row("QLoRA adapter", Text(s["qlora_dir"]))
     t.add_row("adapter effect on logits", f"max |Δ| = {s['adapter_effect_max_abs']:.3g}")
     t.add_row("reloaded vs trained logits", f"max |Δ| = {s['reload_max_abs_diff']:.3g} (tolerance {RELOAD_TOL:g})")
     t.add_row("merged vs unmerged logits", f"max |Δ| = {s['merge_max_abs_diff']:.3g} (tolerance {MERGE_TOL:g})")

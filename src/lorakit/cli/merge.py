@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from lorakit.cli._common import err, friendly_errors, out
+from lorakit.cli._common import QUANTIZE_HELP, err, friendly_errors, out
 from lorakit.compose import MERGE_METHODS
+from lorakit.compose.into_base import DRIFT_NAME
 from lorakit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lorakit.quant import MergeDrift
 
 Opt = typer.Option
 FIELDS = ("adapters", "method", "weights", "out", "rank", "energy", "density", "gamma", "lam", "seed", "missing")
@@ -80,16 +86,66 @@ def _merge_adapters(settings: dict[str, Any], where: str) -> None:
 
 
 def _into_base(
-    base: str | None, adapter: Path | None, target: Path | None, max_shard_size: str, check_base: bool
+    base: str | None, adapter: Path | None, target: Path | None, options: dict[str, Any], calibration: Path | None
 ) -> None:
     from lorakit.compose import merge_into_base
+    from lorakit.quant import MergeDrift
 
     if base is None or adapter is None or target is None:
         raise ConfigError("--into-base needs --base NAME|DIR, --adapter DIR and --out MODEL_DIR.")
-    err.print(f"merging {adapter} into {base} ...")
-    path = merge_into_base(base, adapter, target, max_shard_size=max_shard_size, check_base=check_base)
+    if options["quantize"] is None and (options["quantized"] is not None or calibration is not None):
+        raise ConfigError("--quantized and --calibration apply to a quantized base: add --quantize KIND (e.g. nf4).")
+    text = None
+    if calibration is not None:
+        try:
+            text = calibration.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the --calibration text file {calibration}: {e}") from e
+    options["quantized"] = options["quantized"] or "requantize"
+    onto = f" (quantized {options['quantize']}, {options['quantized']})" if options["quantize"] else ""
+    err.print(f"merging {adapter} into {base}{onto} ...", soft_wrap=True, markup=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = merge_into_base(base, adapter, target, calibration=text, **options)
+    for w in caught:  # lorakit's own (lk.merge's over-threshold layers, a QLoRA adapter's note) as lines
+        message = str(w.message)
+        if "lorakit" not in Path(w.filename).parts:  # a library's: shown, or not, as Python would have
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif message.startswith("note:"):
+            err.print(message, soft_wrap=True, markup=False)
+        else:
+            err.print(f"warning: {message}", soft_wrap=True, markup=False)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
-    out.print(f"wrote {path}: {len(shards)} safetensors shard(s) + tokenizer", soft_wrap=True)
+    if options["quantize"] is not None:
+        _print_drift(MergeDrift.load(path / DRIFT_NAME), options["quantize"])
+    extra = f" + {DRIFT_NAME}" if options["quantize"] is not None else ""
+    out.print(f"wrote {path}: {len(shards)} safetensors shard(s) + tokenizer{extra}", soft_wrap=True)
+
+
+def _print_drift(report: MergeDrift, kind: str, worst: int = 5) -> None:
+    """The drift report as a short table: the worst layers, the totals, the calibration batch, the reload."""
+    from rich.table import Table
+
+    over = report.over()
+    table = Table(
+        title=f"merge drift ({report.mode} onto {kind}): {len(report.drift)} layers, {len(over)} over "
+        f"{report.threshold:g}·‖ΔW‖"
+    )
+    table.add_column("layer")
+    table.add_column("‖W_merged − (W_q + ΔW)‖", justify="right")
+    table.add_column("÷ ‖ΔW‖", justify="right")
+    for name in sorted(report.relative, key=lambda n: -report.relative[n])[:worst]:
+        table.add_row(name, f"{report.drift[name]:.4g}", f"{report.relative[name]:.3g}")
+    ratios = sorted(report.relative.values())
+    total = math.sqrt(sum(d * d for d in report.drift.values()))
+    table.add_row(f"all {len(ratios)} layers (total, median)", f"{total:.4g}", f"{ratios[len(ratios) // 2]:.3g}")
+    out.print(table)
+    if report.max_abs_logit is not None:
+        out.print(f"calibration batch: max |Δlogit| {report.max_abs_logit:.4g}, mean KL {report.kl:.3g}")
+    if report.reload_change is not None:
+        same = " (the same quantized weights)" if report.reload_change == 0 else ""
+        change = f"{report.reload_change:.3g}{same}"
+        out.print(f"reloading with --quantize {kind} changes the saved weights by at most {change}", soft_wrap=True)
 
 
 @friendly_errors
@@ -135,6 +191,26 @@ def merge(
             "fine-tune of that base on purpose, as RE-Adapt does).",
         ),
     ] = True,
+    quantize: Annotated[
+        str | None, Opt(help=f"With --into-base: merge onto the base quantized as it loads. {QUANTIZE_HELP}")
+    ] = None,
+    quantized: Annotated[
+        str | None,
+        Opt(
+            help="With --quantize: 'requantize' W_q + ΔW with the same kind (small, may lose some of the update) or "
+            "'dequantize' (exact, dense). Both write float weights; see README 'Quantized bases'. (default requantize)"
+        ),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        Opt(
+            help="With --quantize: a text file whose first 256 tokens measure max |Δlogit| and KL between the "
+            "unmerged adapter and the merged model (default: a short built-in text)."
+        ),
+    ] = None,
+    drift_threshold: Annotated[
+        float, Opt(help="With --quantize: warn about the layers whose drift exceeds this fraction of ‖ΔW‖.")
+    ] = 0.5,
 ) -> None:
     """Merge LoRA adapters into one adapter, or fold one adapter into its base model.
 
@@ -142,7 +218,7 @@ def merge(
 
     lorakit merge --config merge.yaml   (command-line flags override the file)
 
-    lorakit merge --into-base --base NAME|DIR --adapter A --out MODEL_DIR
+    lorakit merge --into-base --base NAME|DIR --adapter A --out MODEL_DIR [--quantize nf4 --quantized dequantize]
 
     Exact in factor form (rank Σ r_i): linear, cat, task_arithmetic, ortho_dropout.
 
@@ -153,7 +229,9 @@ def merge(
     if into_base:
         if adapters or config is not None:
             raise ConfigError("--into-base folds one --adapter into --base; do not also pass adapter dirs or --config.")
-        _into_base(base, adapter, out_dir, max_shard_size, check_base)
+        options = {"max_shard_size": max_shard_size, "check_base": check_base, "quantize": quantize}
+        options |= {"quantized": quantized, "drift_threshold": drift_threshold}
+        _into_base(base, adapter, out_dir, options, calibration)
         return
     flags = {
         "adapters": adapters or None,

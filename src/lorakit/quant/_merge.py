@@ -36,10 +36,16 @@ class MergeDrift:
     max_abs_logit: float | None = None  # max |logits(unmerged) − logits(merged)| on the calibration batch
     kl: float | None = None  # mean per-token KL(unmerged ‖ merged) on it
     threshold: float = 0.5  # layers whose relative drift exceeds it are named in a warning
+    reload_change: float | None = None  # max |Q(W) − W| of the merged layers' values W (see ``reload_change``)
 
     def over(self) -> list[str]:
         """The layers whose relative drift exceeds the threshold."""
         return [n for n, r in self.relative.items() if r > self.threshold]
+
+    @classmethod
+    def load(cls, path: str | Path) -> MergeDrift:
+        """The report that :meth:`save` wrote to ``path``."""
+        return cls(**json.loads(Path(path).read_text()))
 
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON to ``path``."""
@@ -85,3 +91,18 @@ def logit_drift(unmerged: torch.Tensor, merged: torch.Tensor) -> tuple[float, fl
     q_log = torch.log_softmax(merged.float(), dim=-1)
     kl = (p_log.exp() * (p_log - q_log)).sum(-1).mean()
     return float((unmerged - merged).abs().max()), float(kl)
+
+
+def reload_change(merged: nn.Module) -> float:
+    """max |Q(W) − W| over the quantized layers of ``merged``, W a layer's dequantized weight and Q its own kind.
+
+    A merged model is saved as these float values; 0 means reloading them with the same kind (``lk.load_base(dir,
+    quantize=kind)``) gives back the very same quantized weights. NF4, FP4, int8 and a re-quantized int group
+    layer map their own values onto themselves; zero points that absorbed a QA-LoRA ΔW in general do not.
+    """
+    worst = 0.0
+    for layer in [m for m in merged.modules() if L.is_quantized(m)]:
+        weight = L.weight_out_in(layer).float()  # (out, in)
+        again = get_quant(quant_kind(layer)).fn(dense_linear(weight, L.base_bias(layer)))
+        worst = max(worst, float((L.weight_out_in(again).float() - weight).abs().max()))
+    return worst
