@@ -130,7 +130,8 @@ def train(
         list[str] | None,
         Opt(
             "--callback",
-            help=f"Registered training callback to run (repeatable; adapter_steps always runs): {callback_names()}.",
+            help=f"Training callback to run, NAME or NAME:KEY=VALUE,... (repeatable; adapter_steps always runs): "
+            f"{callback_names()}.",
         ),
     ] = None,
     resume: Annotated[bool, Opt(help="Continue from OUT/checkpoint.pt if present.")] = False,

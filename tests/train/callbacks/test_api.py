@@ -115,3 +115,25 @@ def test_registering_a_non_callback_or_a_taken_name_fails():
     with pytest.raises(ValueError, match="registered twice"):
         register_callback("adapter_steps", help="")(type("Other", (Callback,), {}))
     assert "bad" not in CALLBACKS
+
+
+def test_a_callback_takes_options_as_name_colon_key_values(tmp_path):
+    """``NAME:KEY=VALUE,...`` builds the class with those keyword arguments (YAML scalars); a wrong key is
+    a clear error before training, naming what the callback takes."""
+    seen: list[dict] = []
+
+    @register_callback("budgeted", help="Takes options (test).")
+    class Budgeted(Callback):
+        def __init__(self, budget: int = 1, warm_up: float = 0.0, name: str = "x"):
+            seen.append({"budget": budget, "warm_up": warm_up, "name": name})
+
+    try:
+        cfg = TrainConfig(steps=1, batch_size=2, callbacks=("budgeted:budget=64,warm-up=0.5, name=abc",))
+        train(lora_model(), records(), cfg, out_dir=tmp_path, pad_id=0, progress=False)
+        assert seen[-1] == {"budget": 64, "warm_up": 0.5, "name": "abc"}
+        with pytest.raises(ConfigError, match=r"callback 'budgeted' got budgt option\(s\); it takes: budget, warm_up"):
+            TrainConfig(callbacks=("budgeted:budgt=3",))
+        with pytest.raises(ConfigError, match="expected NAME:KEY=VALUE"):
+            TrainConfig(callbacks=("budgeted:64",))
+    finally:
+        CALLBACKS.pop("budgeted")

@@ -26,4 +26,5 @@ __all__ = [
     "callback_names",
     "check_callbacks",
     "register_callback",
+    "split_spec",
 ]

@@ -3,7 +3,8 @@
 A callback is one file in ``lorakit/train/callbacks/`` holding one :class:`Callback` subclass decorated
 with ``@register_callback(name, help=...)``; importing ``lorakit.train.callbacks`` imports every such
 file, so adding one edits no other file. ``TrainConfig.callbacks`` (``lorakit train --callback NAME``)
-names the ones a run uses; the loop builds each (no arguments) and calls every hook of every active
+names the ones a run uses, each as ``NAME`` or ``NAME:KEY=VALUE,...`` (keyword arguments of its class, values
+parsed as YAML scalars); the loop builds each and calls every hook of every active
 callback, in the configured order, at these points of each optimizer step::
 
     on_step_begin   before the step's first forward
@@ -18,14 +19,17 @@ model, the optimizer and the scheduler the loop steps, which they may change in 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from torch import nn
 
+from lorakit.errors import ConfigError
 from lorakit.registry import add_entry, get_entry
 
 if TYPE_CHECKING:
@@ -126,12 +130,38 @@ def callback_names() -> str:
     return ", ".join(sorted(CALLBACKS))
 
 
-def check_callbacks(names: tuple[str, ...]) -> None:
-    """A clear ConfigError for the first name that is not registered."""
-    for name in names:
-        get_entry(CALLBACKS, "callback", name)
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"adalora:budget=64,t_init=10"`` -> ``("adalora", {"budget": 64, "t_init": 10})``: a callback's name and
+    its keyword arguments (values parsed as YAML scalars; ``-`` in a key reads as ``_``)."""
+    name, _, args = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in args.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"callback {spec!r}: expected NAME:KEY=VALUE,KEY=VALUE, got {pair!r}.")
+        kwargs[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return name.strip(), kwargs
 
 
-def build_callbacks(names: tuple[str, ...]) -> CallbackList:
-    """One instance of each named callback, in order (a name given twice runs once)."""
-    return CallbackList([get_entry(CALLBACKS, "callback", name).cls() for name in dict.fromkeys(names)])
+def _build(spec: str) -> Callback:
+    name, kwargs = split_spec(spec)
+    cls = get_entry(CALLBACKS, "callback", name).cls
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError:
+        takes = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        shown = ", ".join(takes) or "none"
+        raise ConfigError(f"callback {name!r} got {', '.join(kwargs) or 'no'} option(s); it takes: {shown}.") from None
+    return cls(**kwargs)
+
+
+def check_callbacks(specs: tuple[str, ...]) -> None:
+    """A clear ConfigError for the first spec whose name is not registered or whose options do not fit."""
+    for spec in specs:
+        _build(spec)
+
+
+def build_callbacks(specs: tuple[str, ...]) -> CallbackList:
+    """One instance of each callback spec (``name`` or ``name:key=value,...``), in order (a spec given twice
+    runs once)."""
+    return CallbackList([_build(spec) for spec in dict.fromkeys(specs)])
