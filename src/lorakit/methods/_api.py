@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.lowrank import LoraFactors
+from lorakit.lowrank import LoraFactors, factorize
 from lorakit.registry import add_entry, check_options, get_entry
 
 ALL_LAYERS = ("linear", "conv1d", "embedding")
@@ -70,13 +71,27 @@ class AdapterModule(nn.Module, metaclass=abc.ABCMeta):
     def export_state(self) -> dict[str, torch.Tensor]:
         """``{PEFT-style per-module suffix: tensor}`` (``lora_A.weight``, ...): what a saved dir holds."""
 
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        """ΔW in the base layer's own weight layout, so that merged weight = W + ΔW (mergeable methods)."""
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
+        """ΔW as one dense (out, in) matrix, for methods that build it whole (structured, sparse, quantized ones):
+        defining it gives ``delta_weight`` and ``to_lora`` (its SVD) below."""
         raise ConfigError(f"method {type(self).__name__} cannot be merged exactly into the base weights.")
 
+    def lora_rank(self) -> int | None:
+        """The rank at which ``to_lora``'s SVD of ``delta_out_in`` is exact; None: min(ΔW's shape) (full rank)."""
+        return None
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """ΔW in the base layer's own weight layout, so that merged weight = W + ΔW (mergeable methods)."""
+        return L.to_base_layout(base, self.delta_out_in(base))
+
     def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Plain (A, B, scale), exact or the best rank-``rank`` approximation (serving, export, aggregation)."""
-        raise ConfigError(f"method {type(self).__name__} cannot be expressed as a plain LoRA (A, B) pair.")
+        """Plain (A, B, scale), exact or the best rank-``rank`` approximation (serving, export, aggregation); by
+        default the SVD of ``delta_out_in``, exact at ``lora_rank``."""
+        if type(self).delta_out_in is AdapterModule.delta_out_in:
+            raise ConfigError(f"method {type(self).__name__} cannot be expressed as a plain LoRA (A, B) pair.")
+        with torch.no_grad():
+            delta = self.delta_out_in(base)
+            return factorize(delta, rank or self.lora_rank() or min(delta.shape))
 
     def delta_bias(self) -> torch.Tensor | None:
         """An output shift the adapter adds (LoRA's lora_bias), folded into the base bias on merge; None: none."""

@@ -28,8 +28,7 @@ from torch import nn
 
 from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,14 +133,6 @@ class Efficientdm(AdapterModule):
     def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW = Q_t(W + s·B·A) − W, (out, in)."""
         return self.fake_quant(base) - L.weight_out_in(base).to(self.A.dtype)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in(base))  # (out, in) -> base layout
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """ΔW factored by SVD: exact at full rank (the default), else its best rank-``rank`` approximation."""
-        with torch.no_grad():
-            return factorize(delta := self.delta_out_in(base), rank or min(delta.shape))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r) and ``lsq_step.{t}`` (out,) per timestep t."""

@@ -28,8 +28,7 @@ from lorakit import layers as L
 from lorakit.errors import ConfigError
 from lorakit.layers._wrapper import AdaptedLayer
 from lorakit.layers.intgroup import group_dequantize, group_quantize
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,14 +118,6 @@ class OfaQuant(AdapterModule):
         A, B = self.factors()
         W = L.weight_out_in(base)  # (out, in)
         return (self.quantized_weight(base).to(W.dtype) - W) + self.scale * (B @ A)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:  # (out, in) -> base layout
-        return L.to_base_layout(base, self.delta_out_in(base))
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """ΔW factored by SVD: exact at full rank (the default), else its best rank-``rank`` approximation."""
-        with torch.no_grad():
-            return factorize(delta := self.delta_out_in(base), rank or min(delta.shape))
 
     def set_step(self, step: int) -> None:
         """Sample the step's bit-width: one draw from (``seed``, ``step``), the same in every layer."""

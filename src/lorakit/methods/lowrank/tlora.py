@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,14 +108,6 @@ class Tlora(AdapterModule):
         W = L.weight_out_in(base)  # (out, in)
         T, R = self.transform().to(W.dtype), self.residual().to(W.dtype)
         return T @ W - W + R
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in(base))
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """ΔW is full rank in general: exact at rank min(d_in, d_out), else the best rank-``rank`` truncation."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(base), rank or min(self.d_in, self.d_out))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"tlora_T1": self.T1, "tlora_T2": self.T2, "tlora_R1": self.R1, "tlora_R2": self.R2}

@@ -20,8 +20,7 @@ from torch import nn
 
 from lorakit import layers as L
 from lorakit.errors import AdapterFormatError
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,16 +78,15 @@ class Shira(AdapterModule):
         d_in, d_out = L.dims(base)
         return cls(cfg, d_in, d_out, L.weight_out_in(base))
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """The dense ΔW (out, in): ``values`` at the mask, exact zeros elsewhere."""
         zeros = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)  # (out, in)
         return zeros.index_put((self.indices[0], self.indices[1]), self.values)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        return y + torch.nn.functional.linear(x.to(self.values.dtype), self.delta_out_in()).to(y.dtype)  # (..., out)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
+        return y + torch.nn.functional.linear(x.to(self.values.dtype), self.delta_out_in(base)).to(
+            y.dtype
+        )  # (..., out)
 
     @torch.no_grad()
     def scatter_(self, base: nn.Module) -> torch.Tensor:
@@ -102,11 +100,6 @@ class Shira(AdapterModule):
     def restore_(self, base: nn.Module, old: torch.Tensor) -> None:
         """Undo :meth:`scatter_`: write the saved entries back, so the base weight is bit-identical again."""
         L.weight_out_in(base)[self.indices[0], self.indices[1]] = old
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """ΔW is high rank: exact at rank min(d_in, d_out), else the best rank-``rank`` SVD truncation."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or min(self.shape))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"shira_weight": self.values, "shira_indices": self.indices.to(torch.int32)}  # PEFT saves int32

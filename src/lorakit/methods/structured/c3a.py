@@ -21,8 +21,7 @@ from torch import nn
 from torch.fft import fft, ifft
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 INITS = ("xavier_uniform", "kaiming_uniform", "gaussian", "zeros")
 
@@ -90,21 +89,12 @@ class C3A(AdapterModule):
         out = fft(torch.einsum("...nb,mnb->...mb", ifft(xs), fft(w))).real  # (..., m, b)
         return y + (out.reshape(*x.shape[:-1], m * b) / (n * b)).to(y.dtype)  # (..., out)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """The dense ΔW (out, in): block (i, j)[t, s] = w_ij[(s − t) mod b] / d_in, gathered without an FFT."""
         m, n, b = self.kernel.shape
         ar = torch.arange(b, device=self.kernel.device)
         circ = self.kernel[:, :, (ar[None, :] - ar[:, None]) % b]  # (m, n, b_t, b_s)
         return circ.permute(0, 2, 1, 3).reshape(m * b, n * b) / (n * b)  # (out, in)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """ΔW is full rank in general: exact at rank min(d_in, d_out), else the best rank-``rank`` SVD truncation."""
-        with torch.no_grad():
-            delta = self.delta_out_in()  # (out, in)
-            return factorize(delta, rank or min(delta.shape))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"c3a_kernel": self.kernel}

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,22 +86,17 @@ class Dcft(AdapterModule):
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         return cls(cfg, d_in, d_out, L.layer_kind(base), weight)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def lora_rank(self) -> int:
+        return self.config.r * self.config.kernel_size  # to_lora's SVD is exact at this rank
+
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in) = s·ConvT(B·A, K) with stride k: each subspace entry becomes a k×k block."""
         M = self.B @ self.A  # (out/k, in/k)
         k = self.config.kernel_size
         return self.scale * F.conv_transpose2d(M[None, None], self.kernel[None, None], stride=k)[0, 0]  # (out, in)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        return y + L.project_in(base, self.dropout(x), self.delta_out_in()).to(y.dtype)  # (..., out)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at rank r·k (ΔW = s·M ⊗ K), capped by the layer's size; with ``rank``, the best rank-``rank`` one."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or self.config.r * self.config.kernel_size)
+        return y + L.project_in(base, self.dropout(x), self.delta_out_in(base)).to(y.dtype)  # (..., out)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"dcft_A": self.A, "dcft_B": self.B, "dcft_kernel": self.kernel}

@@ -89,7 +89,7 @@ class FourierFT(AdapterModule):
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         return cls(cfg, d_in, d_out, weight)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in) in the spectrum's dtype; the transform itself runs in float32 (ifft2 lacks half types)."""
         spectrum = self.fourierft_spectrum
         dense = torch.zeros(self.d_out, self.d_in, device=spectrum.device)  # (out, in)
@@ -97,17 +97,14 @@ class FourierFT(AdapterModule):
         return (torch.fft.ifft2(dense).real * self.config.scaling).to(spectrum.dtype)  # (out, in)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        delta = self.delta_out_in()  # (out, in)
+        delta = self.delta_out_in(base)  # (out, in)
         return y + torch.nn.functional.linear(x.to(delta.dtype), delta).to(y.dtype)  # (..., out)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
 
     def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
         """Exact at rank min(2n, d_in, d_out) (each frequency adds a real rank ≤ 2); else the best rank-``rank``."""
         with torch.no_grad():
             full = min(2 * self.config.n_frequency, self.d_in, self.d_out)
-            return factorize(self.delta_out_in(), min(rank or full, full))
+            return factorize(self.delta_out_in(base), min(rank or full, full))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"fourierft_spectrum": self.fourierft_spectrum}

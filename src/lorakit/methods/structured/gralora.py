@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +102,10 @@ class Gralora(AdapterModule):
             out = out + torch.nn.functional.linear(torch.nn.functional.linear(x, self.A_h), self.B_h)  # (..., out)
         return y + (self.scale * out).to(y.dtype)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def lora_rank(self) -> int:
+        return self.config.gralora_k * self.config.r + self.config.hybrid_r  # to_lora's SVD is exact at this rank
+
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in): block (j, n) = B_j^(n)·A_n^(j), plus the hybrid LoRA, times s."""
         k, s = self.config.gralora_k, self.config.r // self.config.gralora_k
         A = self.A.view(k, self.A.shape[1], k, s)  # (n, in/k, j, s)
@@ -112,14 +114,6 @@ class Gralora(AdapterModule):
         if self.A_h is not None and self.B_h is not None:
             delta = delta + self.B_h @ self.A_h  # (out, in)
         return self.scale * delta
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at rank k·r + hybrid_r (capped by the layer's size); with ``rank``, the best rank-``rank`` one."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or self.config.gralora_k * self.config.r + self.config.hybrid_r)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {"gralora_A": self.A, "gralora_B": self.B}

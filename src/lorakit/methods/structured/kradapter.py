@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,22 +71,14 @@ class KRAdapter(AdapterModule):
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         return cls(cfg, d_in, d_out, L.layer_kind(base), weight)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in) = s·K or s·Kᵀ, K[j] = kron(B[j], A[j])[:d_max]."""
         hi = max(self.d_in, self.d_out)
         K = (self.B[:, :, None] * self.A[:, None, :]).flatten(1)[:, :hi]  # (d_min, d_max)
         return self.config.alpha * (K if self.d_out <= self.d_in else K.T)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        return y + L.project_in(base, self.dropout(x), self.delta_out_in()).to(y.dtype)  # (..., out)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at rank d_min (ΔW is full rank in general); with ``rank``, the best rank-``rank`` approximation."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or min(self.d_in, self.d_out))
+        return y + L.project_in(base, self.dropout(x), self.delta_out_in(base)).to(y.dtype)  # (..., out)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"kradapter_A": self.A, "kradapter_B": self.B}

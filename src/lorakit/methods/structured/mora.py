@@ -106,7 +106,7 @@ class Mora(AdapterModule):
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         return y + self.mora_out(self.dropout(x).to(self.M.dtype)).to(y.dtype)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in): the map on padded positions (sharing: M tiled; rope: blockdiag(M·R_i)), folded onto inputs."""
         M = self.M
         if self.config.variant == "sharing":
@@ -118,13 +118,10 @@ class Mora(AdapterModule):
         folded = padded.new_zeros(padded.shape[0], self.d_in).index_add(1, self.pad_index, padded)  # (period, in)
         return folded[self.out_index]  # (out, in)
 
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
     def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
         """The best rank-(``rank`` or r̂) factorisation of ΔW (exact for 'sharing', whose rank is ≤ r̂)."""
         with torch.no_grad():
-            return factorize(self.delta_out_in(), min(rank or self.n, self.d_in, self.d_out))
+            return factorize(self.delta_out_in(base), min(rank or self.n, self.d_in, self.d_out))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"mora_M": self.M}

@@ -30,8 +30,7 @@ from lorakit import layers as L
 from lorakit.errors import AdapterFormatError, ConfigError
 from lorakit.init._calib import base_layer
 from lorakit.init._quant_error import quantization_error
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 from lorakit.methods._hadamard import fwht, next_pow2
 
 TRANSFORMS = ("in", "both")
@@ -130,19 +129,11 @@ class Qwha(AdapterModule):
             z = fwht(z)[..., : self.d_out]  # (..., out): Hᵀ·F·H·x, cropped
         return y + z.to(y.dtype)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """The dense ΔW (out, in), for merging and export only."""
         D = fwht(self.coefficient_matrix(), dim=1)  # (rows, n_in): F·H
         D = fwht(D, dim=0) if self.both else D  # Hᵀ·F·H
         return D[: self.d_out, : self.d_in]
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """ΔW is high rank: exact at rank min(d_in, d_out), else the best rank-``rank`` SVD truncation (approximate)."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or min(self.d_in, self.d_out))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"qwha_values": self.values, "qwha_indices": self.indices.to(torch.int32)}

@@ -21,8 +21,7 @@ from torch import nn
 
 from lorakit import layers as L
 from lorakit.errors import ConfigError
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,20 +104,15 @@ class Salt(AdapterModule):
         o = o - F.linear(F.linear(o, U.T), U)  # (..., out) = P_U⊥·B·A·P_V⊥·x
         return y + (out + self.scale * o).to(y.dtype)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def lora_rank(self) -> int:
+        return self.config.k + self.config.r  # to_lora's SVD is exact at this rank
+
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in) = U·diag(ReLU(a⊙σ+b) − σ)·Vh + s·P_U⊥·B·A·P_V⊥."""
         U, Vh = self.U, self.Vh
         M = self.B @ (self.A - (self.A @ Vh.T) @ Vh)  # (out, in) = B·A·P_V⊥
         M = M - U @ (U.T @ M)  # (out, in)
         return (U * self.spectrum_shift()) @ Vh + self.scale * M
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at rank k + r (capped by the layer's size); with ``rank``, the best rank-``rank`` one."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or self.config.k + self.config.r)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"salt_scale": self.a, "salt_shift": self.b, "lora_A.weight": self.A, "lora_B.weight": self.B}

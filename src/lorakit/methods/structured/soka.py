@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,21 +116,12 @@ class Soka(AdapterModule):
         delta = self.kron_apply(self.A, self.B, x) - self.kron_apply(self.A0, self.B0, x)  # (..., out)
         return y + delta.to(y.dtype)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in) = Σ_k A_k ⊗ B_k − Σ_k A⁰_k ⊗ B⁰_k."""
         k, m, n = self.A.shape
         p, q = self.B.shape[1:]
         kron = lambda A, B: torch.einsum("kij,kab->iajb", A, B).reshape(m * p, n * q)
         return kron(self.A, self.B) - kron(self.A0, self.B0)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at full rank (a Kronecker update is high rank); with ``rank``, the best rank-``rank`` one."""
-        with torch.no_grad():
-            delta = self.delta_out_in()
-            return factorize(delta, rank or min(delta.shape))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"soka_A": self.A, "soka_B": self.B}

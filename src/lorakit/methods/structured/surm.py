@@ -25,8 +25,7 @@ from torch import nn
 from torch.fft import fft, ifft, irfft, rfft
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 STRUCTURES = ("circulant", "toeplitz", "ldr")
 
@@ -109,7 +108,7 @@ class Surm(AdapterModule):
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         return y + (self.config.alpha * self.matvec(self.dropout(x))).to(y.dtype)  # (..., out)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """The dense ΔW (out, in), gathered from the generators (no FFT)."""
         gen = dict(self.generators.items())
         ar = torch.arange(self.n, device=next(iter(gen.values())).device)
@@ -122,14 +121,6 @@ class Surm(AdapterModule):
         sign = torch.where(ii >= jj, 1.0, -1.0).to(gen["h"])  # skew-circulant: negated above the diagonal
         full = torch.einsum("kab,kbc->ac", gen["g"][:, wrap], gen["h"][:, wrap] * sign)  # Σ_k C(g_k)·S(h_k)
         return self.config.alpha * full[: self.d_out, : self.d_in]
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """ΔW is full rank in general: exact at rank min(d_in, d_out), else the best rank-``rank`` truncation."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or min(self.d_in, self.d_out))
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {f"surm_{key}": p for key, p in self.generators.items()}

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from lorakit import layers as L
-from lorakit.lowrank import factorize
-from lorakit.methods._api import AdapterModule, LoraFactors, register, require
+from lorakit.methods._api import AdapterModule, register, require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,20 +100,15 @@ class Wara(AdapterModule):
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
         return cls(cfg, d_in, d_out, L.layer_kind(base), weight)
 
-    def delta_out_in(self) -> torch.Tensor:
+    def lora_rank(self) -> int:
+        return (2 * self.config.level - 1) * self.config.r  # to_lora's SVD is exact at this rank
+
+    def delta_out_in(self, base: nn.Module) -> torch.Tensor:
         """ΔW (out, in) = IDWT(s·B·A)."""
         return idwt2(self.scale * (self.B @ self.A), self.config.level)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
-        return y + L.project_in(base, self.dropout(x), self.delta_out_in()).to(y.dtype)  # (..., out)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return L.to_base_layout(base, self.delta_out_in())
-
-    def to_lora(self, base: nn.Module, rank: int | None = None) -> LoraFactors:
-        """Exact at rank (2·level − 1)·r (capped by the layer's size); with ``rank``, the best rank-``rank`` one."""
-        with torch.no_grad():
-            return factorize(self.delta_out_in(), rank or (2 * self.config.level - 1) * self.config.r)
+        return y + L.project_in(base, self.dropout(x), self.delta_out_in(base)).to(y.dtype)  # (..., out)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"wara_A": self.A, "wara_B": self.B}
