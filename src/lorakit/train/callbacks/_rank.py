@@ -79,7 +79,8 @@ def keep_components(
 ) -> AdapterModule:
     """A copy of ``adapter`` with only the rank components at indices ``keep`` (config ``r`` = len(keep)).
 
-    The method's ``from_base`` builds it at the new rank; each tensor of ``export_state`` whose shape changed in
+    The method's ``from_base`` builds it at the new rank (with ``alpha`` rescaled where the scale depends on r,
+    as LoRA's α/r: saved as PEFT's alpha_pattern); each tensor of ``export_state`` whose shape changed in
     one dimension is the old one's ``index_select`` there, and so is its ``optimizer`` state (the old parameter
     is swapped for the new one in the optimizer's groups). The caller installs the result.
     """
@@ -87,6 +88,9 @@ def keep_components(
     if not any(f.name == "r" for f in dataclasses.fields(cfg)):
         raise ConfigError(f"method {adapter.method_name!r} has no rank r, so it has no components to remove.")
     new = type(adapter).from_base(base, dataclasses.replace(cfg, r=int(keep.numel())))
+    if new.scale != adapter.scale and hasattr(cfg, "alpha"):  # a scale α/r or α/√r: keep s by rescaling α
+        alpha = cfg.alpha * adapter.scale / new.scale
+        new = type(adapter).from_base(base, dataclasses.replace(cfg, r=int(keep.numel()), alpha=alpha))
     new.train(adapter.training)
     old_state, new_state = adapter.export_state(), new.export_state()
     sliced: dict[str, torch.Tensor] = {}
