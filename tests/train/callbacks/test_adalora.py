@@ -16,6 +16,7 @@ from lorakit.cli.inspect_adapter import summarize
 from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.io.export import export_vllm
+from lorakit.serve.engine import Engine
 from lorakit.testing import tiny_llama
 from lorakit.train.callbacks.adalora import AdaLoraAllocator
 from lorakit.train.data import Record, collate
@@ -132,6 +133,11 @@ def test_the_result_is_an_ordinary_adapter_peft_loads(runs, tmp_path):
     report = export_vllm([path], tmp_path / "out", base=copy.deepcopy(base))
     plain = lk.load_adapter(copy.deepcopy(base), report.adapters["ada"])
     torch.testing.assert_close(logits(plain, X), y, atol=1e-5, rtol=1e-5)
+    engine = Engine(copy.deepcopy(base))
+    engine.add_adapter("ada", path)  # serving takes it through to_lora (a rank-0 module adds nothing)
+    torch.testing.assert_close(
+        engine.forward(X, ["ada", None]), torch.stack([y[0], logits(base, X)[1]]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_rank_surgery_leaves_outputs_unchanged():

@@ -32,12 +32,14 @@ class AdaLoraConfig:
     orth_reg_weight: float = 0.5
     """Weight w of the orthogonality regulariser w·mean over P and Q of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F (PEFT's)."""
     ranknum: int | None = None
-    """r₀ in the scale: the rank at attach (None: r); pruning changes r and keeps this."""
+    """r₀ in the scale: the rank at attach (None: r); pruning changes r (down to 0) and keeps this."""
 
     def __post_init__(self) -> None:
-        require(isinstance(self.r, int) and self.r >= 0, f"r must be an integer >= 0, got {self.r!r}.")
         if self.ranknum is None:
             object.__setattr__(self, "ranknum", self.r)
+        pruned = isinstance(self.ranknum, int) and self.ranknum > 0  # rank 0: a module the allocator emptied
+        low = 0 if pruned else 1
+        require(isinstance(self.r, int) and self.r >= low, f"r must be an integer >= {low}, got {self.r!r}.")
         require(isinstance(self.ranknum, int) and self.ranknum >= self.r, "ranknum must be an integer >= r.")
         require(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}.")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
