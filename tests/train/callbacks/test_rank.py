@@ -4,15 +4,20 @@ with the optimizer state sliced like the tensors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
 from lorakit.errors import ConfigError
+from lorakit.inject import wrappers
 from lorakit.methods.lowrank.adalora import AdaLora
 from lorakit.methods.lowrank.lora import Lora
+from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks._rank import Sensitivity, cubic_budget, keep_components, top_k
+from tests.helpers import logits, tokens
 
 
 def test_sensitivity_is_ema_of_importance_times_ema_of_its_deviation():
@@ -88,3 +93,22 @@ def test_keep_components_needs_a_rank():
     adapter = model[0].adapters["default"]
     with pytest.raises(ConfigError, match="no rank"):
         keep_components(adapter, base, torch.tensor([0]))
+
+
+def test_a_pruned_lora_saves_as_an_ordinary_lora_with_rank_and_alpha_patterns(tmp_path):
+    """Surgery on plain LoRA keeps s = α/r by rescaling α: the dir carries rank_pattern and alpha_pattern, and both
+    lorakit and PEFT load it with the pruned model's outputs."""
+    peft = pytest.importorskip("peft")
+    base, x = tiny_llama(0), tokens()
+    model = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=4, alpha=8.0), targets=["q_proj", "v_proj"])
+    randomize_adapters(model, std=0.3)
+    name, w = next(iter(wrappers(model)))
+    with torch.no_grad():
+        w.adapters["default"].B[:, 1:] = 0  # three components contribute nothing
+    y = logits(model, x)
+    w.adapters["default"] = keep_components(w.adapters["default"], w.base_layer, torch.tensor([0]))
+    torch.testing.assert_close(logits(model, x), y, atol=1e-6, rtol=0)
+    path = lk.save_adapter(model, tmp_path / "pruned")
+    torch.testing.assert_close(logits(lk.load_adapter(copy.deepcopy(base), path), x), y, atol=1e-6, rtol=0)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+    torch.testing.assert_close(logits(theirs, x), y, atol=1e-5, rtol=1e-5)
