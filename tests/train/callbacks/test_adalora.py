@@ -186,3 +186,19 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
 def test_bad_options_are_errors_when_the_config_is_built(spec):
     with pytest.raises(ConfigError):
         TrainConfig(steps=10, callbacks=(spec,))
+
+
+def test_resuming_an_adalora_run_is_refused(tmp_path):
+    """The scores and masks are not checkpointed: a resumed run says so instead of allocating from nothing."""
+    model = lk.attach(tiny_llama(0), lk.method_config("adalora", r=4), targets=["q_proj", "v_proj"])
+    cfg = TrainConfig(steps=6, batch_size=2, save_every=2, callbacks=("adalora:budget=8",))
+
+    def crash(step: int, _: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, records(), cfg, out_dir=tmp_path, pad_id=0, progress=False, on_step=crash)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    with pytest.raises(ConfigError, match="without --resume"):
+        train(model, records(), cfg, out_dir=tmp_path, pad_id=0, progress=False, resume=True)

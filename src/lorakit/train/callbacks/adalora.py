@@ -12,7 +12,7 @@ At the end of training the masked triplets are removed (rank surgery, train/call
 is rebuilt at its kept rank, so the saved dir holds smaller tensors and PEFT's ``rank_pattern`` and the outputs
 are unchanged (the removed triplets had Λᵢ = 0). The orthogonality regulariser is the method's (its
 ``orth_reg_weight``), added to the loss by the loop. Bad budgets and schedules are ConfigErrors before the
-first step. The EMAs live in the callback: a resumed run restarts them.
+first step. The scores and masks live in the callback, not in checkpoints: resuming is refused.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ class AdaLoraAllocator(Callback):
 
     def on_step_begin(self, state: TrainState) -> None:
         if not self.total:
+            if state.step > 0:
+                raise ConfigError(
+                    "adalora: a resumed run cannot continue the allocation (its scores and masks are not in the "
+                    "checkpoint yet); train again without --resume."
+                )
             self.check(state.model, state.config.steps)
 
     def check(self, model: nn.Module, steps: int) -> None:
