@@ -85,10 +85,11 @@ def keep_components(
     is swapped for the new one in the optimizer's groups). The caller installs the result.
     """
     cfg = adapter.config
-    if not any(f.name == "r" for f in dataclasses.fields(cfg)):
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if "r" not in fields:
         raise ConfigError(f"method {adapter.method_name!r} has no rank r, so it has no components to remove.")
     new = type(adapter).from_base(base, dataclasses.replace(cfg, r=int(keep.numel())))
-    if new.scale != adapter.scale and hasattr(cfg, "alpha"):  # a scale α/r or α/√r: keep s by rescaling α
+    if new.scale != adapter.scale and "alpha" in fields:  # a scale α/r or α/√r: keep s by rescaling α
         alpha = cfg.alpha * adapter.scale / new.scale
         new = type(adapter).from_base(base, dataclasses.replace(cfg, r=int(keep.numel()), alpha=alpha))
     new.train(adapter.training)
