@@ -107,6 +107,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         "runs/demo/adapters/date-qlora": str(tiny_qlora(tiny_checkpoint, tmp_path / "date-qlora")),
         "models/date-nf4": str(tmp_path / "date-nf4"),
         "models/date-dense": str(tmp_path / "date-dense"),
+        "adapters/date-ada": str(tmp_path / "date-ada"),  # the README's adalora run, then inspected
     }
     for args in commands:
         args = [swap.get(a, a) for a in args]
@@ -117,9 +118,12 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         if args[0] == "demo":  # `make demo` runs it on SmolLM2; here the same code runs on the tiny checkpoint
             args += ["--base", str(tiny_checkpoint), "--steps", "3"]
         if args[0] == "train":  # the same command on the tiny checkpoint, a few steps (a repeated flag: last wins)
-            out = tmp_path / "train" / args[args.index("--out") + 1].replace("/", "_")
+            target = args[args.index("--out") + 1]  # the adalora run's is kept: `inspect` reads it next
+            out = Path(target) if target == swap["adapters/date-ada"] else tmp_path / "train" / target.replace("/", "_")
             args += ["--base", str(tiny_checkpoint), "--steps", "2", "--train-examples", "8", "--eval-examples", "2"]
             args += ["--out", str(out)]
+            # the tiny checkpoint has 4 q/v modules (SmolLM2: 60) and 2 steps: a budget and schedule that fit it
+            args = [a if not a.startswith("adalora:") else "adalora:budget=16" for a in args]
             if "--data" in args:
                 data = tmp_path / "my.jsonl"
                 data.write_text('{"prompt": "a", "completion": "b"}\n' * 12)

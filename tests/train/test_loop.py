@@ -135,3 +135,26 @@ def test_bad_train_config(bad):
 def test_no_trainable_parameters_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="attach an adapter first"):
         train(tiny_llama(), _records(), TrainConfig(steps=1), out_dir=tmp_path, pad_id=0, progress=False)
+
+
+def test_an_adapter_regularizer_is_added_to_the_loss_and_plain_lora_walks_no_modules(tmp_path, monkeypatch):
+    """The step loss is the model's loss plus the mean of the active adapters' ``regularizer`` terms (AdaLoRA's
+    orthogonality penalty); with methods that define none, no step looks for one."""
+    from lorakit.train import loop
+    from lorakit.train.loss import regularization, training_loss
+    from lorakit.train.optimizers import active_adapters
+
+    recs = [Record(ids, ids) for ids in torch.randint(4, 256, (4, 10), generator=torch.Generator()).tolist()]
+    cfg = TrainConfig(steps=1, batch_size=4, lr=1e-9)
+    model = lk.attach(tiny_llama(0), lk.method_config("adalora", r=4, orth_reg_weight=0.3), targets=["q_proj"])
+    adapters = [a for a, _ in active_adapters(model)]
+    batch = loop.collate([recs[i] for i in batch_indices(4, 4, 0, 0)], 0)
+    with torch.no_grad():
+        expected = float(training_loss(model, batch) + regularization(adapters))
+        assert float(regularization(adapters)) > 0.1
+    got = train(model, recs, cfg, out_dir=tmp_path / "ada", pad_id=0, progress=False).losses[0]
+    assert got == pytest.approx(expected, rel=1e-5)
+    calls: list[int] = []
+    monkeypatch.setattr(loop, "_regularized", lambda m: calls.append(1) or [])
+    train(lk.attach(tiny_llama(0), lk.method_config("lora", r=2)), recs, cfg, out_dir=tmp_path / "lora", pad_id=0)
+    assert calls == [1]  # once, before the first step

@@ -15,10 +15,14 @@ from rich.table import Table
 from lorakit.cli._common import friendly_errors, human_bytes, out
 from lorakit.errors import AdapterFormatError, LorakitError
 from lorakit.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, config_from_fields, read_config
-from lorakit.io.peft_format import pattern_value
+from lorakit.io.peft_format import pattern_value, rank_pattern_of
 from lorakit.methods._api import spec_of_config
 
-RANK_KEYS = ("lora_A.weight", "lora_embedding_A")  # PEFT suffixes whose first dim is the rank
+RANK_KEYS = (
+    "lora_A.weight",
+    "lora_embedding_A",
+    "lora_A",
+)  # PEFT suffixes whose first dim is the rank (lora_A: AdaLoRA's Q)
 
 
 def _header(file: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
@@ -73,7 +77,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
             row["rank"] = shape[0]
     for row in per_module.values():
         if row["rank"] is None:
-            row["rank"] = pattern_value(fields.get("rank_pattern"), row["module"]) or default_r
+            row["rank"] = pattern_value(rank_pattern_of(fields), row["module"]) or default_r
     ranks = Counter(row["rank"] for row in per_module.values())
     return {
         "path": str(path),

@@ -40,7 +40,7 @@ from lorakit.inject import (
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.dirs import read_config, read_tensors
 from lorakit.io.folded import foldable, folded
-from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_base_norms
+from lorakit.io.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_base_norms, rank_pattern_of
 from lorakit.lowrank import LoraFactors
 from lorakit.methods._api import REGISTRY, AdapterModule, get_spec
 
@@ -120,7 +120,8 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     modules = [m for m in info.modules if m in module_cfgs]
     bases: list[Any] = [model.get_submodule(m).base_layer for m in modules]
     kinds = {L.layer_kind(b) for b in bases}
-    rank_pattern = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
+    ranks = {m: c.r for m, c in module_cfgs.items() if getattr(c, "r", None) != getattr(cfg, "r", None)}
+    rank_pattern = spec.adapter.peft_rank_pattern(ranks, cfg) if ranks else {}
     alpha_pattern = {
         m: c.alpha for m, c in module_cfgs.items() if getattr(c, "alpha", None) != getattr(cfg, "alpha", None)
     }
@@ -327,7 +328,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", *, c
             cfg,
             targets=modules,
             name=name,
-            rank_pattern=fields.get("rank_pattern") or None,
+            rank_pattern=rank_pattern_of(fields) or None,
             alpha_pattern=fields.get("alpha_pattern") or None,
             modules_to_save=fields.get("modules_to_save") or None,
             # the file holds the initialised (and trained) state; a replaced base (LoftQ's Q) is rebuilt from the

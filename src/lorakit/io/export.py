@@ -204,6 +204,8 @@ def _convert(path: Path, fields: dict[str, Any], model: nn.Module, rank: int | N
                         f = adapter.to_lora(wrapper.base_layer, rank)
                 except (NotImplementedError, LorakitError) as e:
                     raise AdapterFormatError(f"{path}: {module} cannot be expressed as LoRA: {e}") from e
+                if f.A.shape[0] == 0:
+                    continue  # a rank-0 module (AdaLoRA pruned all of it) adds nothing: plain LoRA leaves it out
                 factors[module] = LoraFactors(f.A.detach().cpu().clone(), f.B.detach().cpu().clone(), float(f.scale))
                 kinds[module] = L.layer_kind(wrapper.base_layer)
         saved = {

@@ -46,6 +46,17 @@ def pattern_value(patterns: Mapping[str, Any] | None, name: str) -> Any | None:
     return None
 
 
+def rank_pattern_of(fields: Mapping[str, Any]) -> dict[str, int]:
+    """A config's ``rank_pattern`` as ``{pattern: rank}``, also from PEFT's AdaLoRA form
+    ``{module.lora_E: [kept, ...]}`` (a boolean mask over the initial triplets: rank = how many are kept)."""
+    out: dict[str, int] = {}
+    for key, value in (fields.get("rank_pattern") or {}).items():
+        if isinstance(value, list):  # AdaLoRA's mask; its key names the Λ tensor of the module
+            key, value = key.removesuffix(".lora_E"), sum(bool(v) for v in value)
+        out[key] = int(value)
+    return out
+
+
 def lora_scale(fields: Mapping[str, Any], module: str, rank: int) -> float:
     """The scale of ``module``'s rank-``rank`` LoRA in a config: α/r, or α/√r with ``use_rslora``,
     where α is the module's ``alpha_pattern`` value, else ``lora_alpha`` (PEFT's default 8)."""

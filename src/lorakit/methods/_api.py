@@ -40,7 +40,8 @@ class AdapterModule(nn.Module, metaclass=abc.ABCMeta):
     Optional hooks, each with its default here, so Core calls them directly (never ``hasattr``):
     ``delta_weight``, ``to_lora``, ``delta_bias``, ``fused_forward``, ``import_state``,
     ``base_shift``, ``init_factors``, ``export_shared`` / ``import_shared``, ``from_bases``,
-    ``initialize``, ``set_step``, ``peft_fields``, ``config_from_peft``; class attributes
+    ``initialize``, ``set_step``, ``regularizer``, ``peft_fields``, ``peft_rank_pattern``,
+    ``config_from_peft``; class attributes
     ``peft_type`` and ``shared_params``. :data:`HOOKS` lists them all (the README's table is
     generated from it).
     """
@@ -141,10 +142,21 @@ class AdapterModule(nn.Module, metaclass=abc.ABCMeta):
     def set_step(self, step: int) -> None:
         """The training step (the ``adapter_steps`` callback calls it at each step begin): for schedules."""
 
+    def regularizer(self) -> torch.Tensor | None:
+        """A scalar term the training loss adds (e.g. AdaLoRA's orthogonality penalty), or None: none. The loop
+        adds the mean over the active adapters whose class overrides this hook, so plain methods cost nothing."""
+        return None
+
     @staticmethod
     def peft_fields(cfg: Any) -> dict[str, Any]:
         """Method-specific fields of ``adapter_config.json``."""
         return {}
+
+    @staticmethod
+    def peft_rank_pattern(ranks: dict[str, int], cfg: Any) -> dict[str, Any]:
+        """``adapter_config.json``'s ``rank_pattern`` for ``ranks`` ({module: its rank}, the modules whose rank
+        differs from ``cfg.r``): LoRA's ``{module: rank}`` by default (AdaLoRA writes PEFT's boolean masks)."""
+        return ranks
 
     @staticmethod
     def config_from_peft(fields: dict[str, Any]) -> Any | None:
@@ -170,7 +182,9 @@ HOOKS: tuple[str, ...] = (
     "from_bases",
     "initialize",
     "set_step",
+    "regularizer",
     "peft_fields",
+    "peft_rank_pattern",
     "config_from_peft",
     "peft_type",
     "shared_params",

@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 from lorakit.errors import ConfigError
 from lorakit.inject import adapter_names
 from lorakit.io.atomic import atomic_write_bytes
+from lorakit.methods._api import AdapterModule
 from lorakit.registry import unknown_entry
-from lorakit.train.callbacks import TrainState, build_callbacks, check_callbacks
+from lorakit.train.callbacks import Callback, TrainState, build_callbacks, check_callbacks
 from lorakit.train.data import Record, collate
-from lorakit.train.loss import training_loss
-from lorakit.train.optimizers import OPTIMIZERS, build_optimizer
+from lorakit.train.loss import regularization, training_loss
+from lorakit.train.optimizers import OPTIMIZERS, active_adapters, build_optimizer
 from lorakit.train.schedule import SCHEDULES, build_scheduler
 
 ALWAYS_ON = ("adapter_steps",)  # callbacks every run has, before the configured ones
@@ -155,28 +156,45 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any) -> tupl
         raise ConfigError(f"cannot resume from {path}: {e}; delete it to start over.") from e
 
 
+def _regularized(model: nn.Module) -> list[AdapterModule]:
+    """The active adapters whose method defines a ``regularizer`` term (AdaLoRA's orthogonality penalty)."""
+    return [a for a, _ in active_adapters(model) if type(a).regularizer is not AdapterModule.regularizer]
+
+
 def _accumulate(
-    model: nn.Module, acc: Any, records: Sequence[Record], cfg: TrainConfig, step: int, pad_id: int
+    model: nn.Module,
+    acc: Any,
+    records: Sequence[Record],
+    cfg: TrainConfig,
+    step: int,
+    pad_id: int,
+    regularized: Sequence[AdapterModule] = (),
 ) -> tuple[float, int]:
-    """Forward + backward over the step's micro-batches; returns (loss, tokens)."""
+    """Forward + backward over the step's micro-batches, the adapters' regularizer added to each loss (the
+    mean over ``regularized``); returns (loss, tokens)."""
     step_loss, step_tokens = 0.0, 0
     for j in range(cfg.grad_accum):
         idx = batch_indices(len(records), cfg.batch_size, step * cfg.grad_accum + j, cfg.seed)
         batch = {k: v.to(acc.device) for k, v in collate([records[i] for i in idx], pad_id).items()}
         with acc.autocast():
-            loss = training_loss(model, batch) / cfg.grad_accum  # model(**batch).loss, head fused
+            loss = training_loss(model, batch)  # model(**batch).loss, head fused
+            if regularized:
+                loss = loss + regularization(regularized)
+            loss = loss / cfg.grad_accum
         acc.backward(loss)
         step_loss += float(loss.detach())
         step_tokens += int(batch["attention_mask"].sum())
     return step_loss, step_tokens
 
 
-def _optimizer_step(model: nn.Module, acc: Any, cfg: TrainConfig, state: TrainState) -> None:
-    """Clip the gradients, step the optimizer and the schedule, clear the gradients."""
+def _optimizer_step(model: nn.Module, acc: Any, cfg: TrainConfig, state: TrainState, callbacks: Callback) -> None:
+    """Clip the gradients, step the optimizer and the schedule, run ``after_optimizer_step``, clear the gradients."""
     if cfg.max_grad_norm:
         acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
     state.optimizer.step()
     state.scheduler.step()
+    state.step += 1
+    callbacks.after_optimizer_step(state)
     state.optimizer.zero_grad(set_to_none=True)
 
 
@@ -219,6 +237,7 @@ def train(
     result = TrainResult(losses=losses, resumed_from=start)
     callbacks = build_callbacks((*ALWAYS_ON, *cfg.callbacks))
     state = TrainState(model=acc.unwrap_model(model), optimizer=opt, scheduler=sched, config=cfg, step=start)
+    regularizes = bool(_regularized(state.model))  # else no step walks the modules for a term
     metrics = (out_dir / "metrics.jsonl").open("a" if start else "w")
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress or not acc.is_local_main_process)
@@ -226,11 +245,12 @@ def train(
     for step in range(start, cfg.steps):
         state.step, state.metrics = step, {}
         callbacks.on_step_begin(state)
-        step_loss, step_tokens = _accumulate(model, acc, records, cfg, step, pad_id)
+        regularized = _regularized(state.model) if regularizes else []  # after callbacks that may swap adapters
+        step_loss, step_tokens = _accumulate(model, acc, records, cfg, step, pad_id, regularized)
         lr = state.scheduler.get_last_lr()[0]  # the rate this step used
         state.metrics = {"loss": step_loss, "lr": float(lr), "tokens": step_tokens}
         callbacks.after_backward(state)
-        _optimizer_step(model, acc, cfg, state)
+        _optimizer_step(model, acc, cfg, state, callbacks)
         result.losses.append(step_loss)
         result.tokens += step_tokens
         elapsed = time.perf_counter() - t0

@@ -21,13 +21,14 @@ loss, zero gradients), without reading a value back to the host to find out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit._buffers import scratch
+from lorakit.methods._api import AdapterModule
 from lorakit.models.heads import is_layout_only
 
 FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # forward: logits = lm_head(h); loss = ForCausalLMLoss
@@ -93,6 +94,13 @@ def fused_head(model: nn.Module) -> nn.Linear | None:
     if torch.is_autocast_enabled(head.weight.device.type):
         return None
     return head
+
+
+def regularization(adapters: Sequence[AdapterModule]) -> torch.Tensor | float:
+    """The mean of the adapters' ``regularizer`` terms (None counts as absent), which the loop adds to the loss:
+    AdaLoRA's orthogonality penalty is PEFT's w·mean over modules this way."""
+    terms = [t for t in (a.regularizer() for a in adapters) if t is not None]
+    return torch.stack(terms).mean() if terms else 0.0
 
 
 def training_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -43,6 +43,12 @@ def recorder():
             assert all(g is not None for g in grads)  # every micro-batch's gradient is there
             self.events.append(("after_backward", state.step, sorted(state.metrics)))
 
+        def after_optimizer_step(self, state):
+            grads = [p.grad for p in state.model.parameters() if p.requires_grad]
+            assert all(g is not None for g in grads)  # stepped, not yet zeroed
+            assert state.optimizer.state  # the optimizer has stepped
+            self.events.append(("after_optimizer_step", state.step, sorted(state.metrics)))
+
         def on_step_end(self, state):
             assert all(p.grad is None for p in state.model.parameters())  # the step is done
             self.events.append(("on_step_end", state.step, sorted(state.metrics)))
@@ -66,7 +72,8 @@ def test_a_registered_callback_sees_every_hook_in_order(recorder, tmp_path):
     end = ["loss", "lr", "tokens", "tokens_per_s"]
     expected = []
     for k in range(4):  # step k+1: k optimizer steps done at its begin, k+1 at its end
-        expected += [("on_step_begin", k, []), ("after_backward", k, after), ("on_step_end", k + 1, end)]
+        expected += [("on_step_begin", k, []), ("after_backward", k, after), ("after_optimizer_step", k + 1, after)]
+        expected.append(("on_step_end", k + 1, end))
         if k + 1 == 2:
             expected.append(("on_save", 2, "checkpoint.pt"))
     expected.append(("on_end", 4, end))

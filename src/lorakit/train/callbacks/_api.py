@@ -9,6 +9,8 @@ callback, in the configured order, at these points of each optimizer step::
 
     on_step_begin   before the step's first forward
     after_backward  every micro-batch's gradient is in .grad; before clipping and the optimizer step
+    after_optimizer_step  after the optimizer and scheduler step, the gradients still in .grad (zeroed next):
+                    where PEFT's AdaLoRA reads |p·∇p| of the updated weights (its documented loop order)
     on_step_end     after the optimizer and scheduler step (gradients already zeroed)
     on_save         after a checkpoint is written (``path``)
     on_end          once, after the last step
@@ -48,7 +50,8 @@ class TrainState:
     """The learning-rate scheduler the loop steps after the optimizer."""
     config: TrainConfig
     step: int = 0
-    """Optimizer steps done: k in step k+1's on_step_begin and after_backward, k+1 from its on_step_end."""
+    """Optimizer steps done: k in step k+1's on_step_begin and after_backward, k+1 from its
+    after_optimizer_step."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The step's numbers where known: {} at its begin; loss, lr and tokens after backward;
     tokens_per_s too at its end."""
@@ -62,6 +65,9 @@ class Callback:
 
     def after_backward(self, state: TrainState) -> None:
         """Gradients of the whole step exist (all micro-batches); clipping and the optimizer step follow."""
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        """After the optimizer and scheduler step, before the gradients are zeroed (``state.step`` is k+1)."""
 
     def on_step_end(self, state: TrainState) -> None:
         """After the optimizer and scheduler step."""
@@ -86,6 +92,10 @@ class CallbackList(Callback):
     def after_backward(self, state: TrainState) -> None:
         for callback in self.callbacks:
             callback.after_backward(state)
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback.after_optimizer_step(state)
 
     def on_step_end(self, state: TrainState) -> None:
         for callback in self.callbacks:
