@@ -56,3 +56,15 @@ def principal(W: torch.Tensor, r: int, niter: int | None = None) -> tuple[torch.
         return U[:, :r], S[:r], Vh[:r]
     U, S, V = torch.svd_lowrank(W, q=r, niter=niter)  # U (out, r), S (r,), V (in, r)
     return U, S, V.T
+
+
+def nested_B(B: torch.Tensor, b: int, rslora: bool = False) -> torch.Tensor:
+    """DyLoRA's rank-``b`` slice of a rank-r LoRA, as B (out, r) with columns ≥ b zeroed and the first b scaled
+    by s_b/s_r = r/b (√(r/b) under rsLoRA): then s_r·nested_B·A = s_b·B[:, :b]·A[:b] exactly as a rank-b LoRA
+    with the same alpha, and components ≥ b get zero gradients (in A too, since their columns of B are zero)."""
+    r = B.shape[1]
+    if not 1 <= b <= r:
+        raise ValueError(f"rank limit must be in [1, {r}], got {b!r}.")
+    keep = torch.zeros(r, dtype=B.dtype, device=B.device)  # (r,)
+    keep[:b] = (r / b) ** 0.5 if rslora else r / b
+    return B * keep  # (out, r)

@@ -17,7 +17,7 @@ from torch import nn
 
 from lorakit import layers as L
 from lorakit.init import _api as inits
-from lorakit.lowrank import truncate
+from lorakit.lowrank import nested_B, truncate
 from lorakit.methods._api import AdapterModule, LoraFactors, register, require
 from lorakit.methods._fused import LoraLinearFn, frozen_weight
 
@@ -69,6 +69,7 @@ class Lora(AdapterModule):
     """x ↦ W₀x + s·B·A·x with A (r, in), B (out, r)."""
 
     peft_type = "LORA"
+    rank_limit: int | None = None  # b: only the first b components, at scale α/b (DyLoRA, train/callbacks/dylora.py)
 
     def __init__(self, cfg: LoraConfig, in_features: int, out_features: int, kind: str, weight: torch.Tensor):
         super().__init__()
@@ -109,7 +110,7 @@ class Lora(AdapterModule):
         return self
 
     def out_B(self) -> torch.Tensor:  # (out, r): forward, merge and to_lora read it; comp_lora/salora project it
-        return self.B
+        return self.B if self.rank_limit is None else nested_B(self.B, self.rank_limit, self.config.rslora)
 
     def init_factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         return self.A, self.B
@@ -127,7 +128,7 @@ class Lora(AdapterModule):
         if W is None:
             return None
         p = float(getattr(self.dropout, "p", 0.0)) if self.training else 0.0
-        return LoraLinearFn.apply(x, W, L.base_bias(base), self.A, self.B, self.scale, p)
+        return LoraLinearFn.apply(x, W, L.base_bias(base), self.A, self.out_B(), self.scale, p)
 
     def forward(self, x: torch.Tensor, base: nn.Module, y: torch.Tensor) -> torch.Tensor:
         B = self.out_B()
