@@ -139,7 +139,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
 def test_python_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write out/adapter relative to the working dir
     snippets = [b for b in blocks("python") if "@register(" not in b]  # the method outline is a template
-    assert len(snippets) == 9
+    assert len(snippets) == 10
     namespace: dict = {}
     try:
         for code in snippets:  # one namespace: later snippets continue the first one, as a reader would
@@ -150,6 +150,8 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     assert lk.adapter_names(model) == ["default"] and lk.active_adapter(model) == "default"
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert len((tmp_path / "out" / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # the callback example
+    for b in (1, 2, 4, 8):  # DyLoRA: each truncation is a rank-b LoRA dir
+        assert json.loads((tmp_path / "out" / "dylora" / f"rank{b}" / "adapter_config.json").read_text())["r"] == b
     assert lk.adapter_names(namespace["model2"]) == ["x"]
     assert "lora" in namespace["lk"].methods()
     assert namespace["merge_drift"](namespace["qmerged"]).max_abs_logit == 0  # Quantized bases: W_q re-quantized
