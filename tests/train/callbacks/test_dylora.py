@@ -15,7 +15,7 @@ from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.lowrank import nested_B
 from lorakit.serve.engine import Engine
-from lorakit.testing import tiny_llama
+from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks import CALLBACKS, Callback, register_callback
 from lorakit.train.callbacks._api import split_spec
 from lorakit.train.callbacks.dylora import sample_rank, truncate
@@ -46,9 +46,13 @@ def loss(model: torch.nn.Module, recs: list[Record]) -> float:
         return float(model(ids, labels=ids).loss)
 
 
-def run(model, tmp_path, steps=40, callback="dylora:r_min=1", **cfg):
+def run_config(steps=40, callback="dylora:r_min=1", **cfg) -> TrainConfig:
     opts = dict(steps=steps, batch_size=4, lr=1e-2, schedule="constant", seed=3, callbacks=(callback,)) | cfg
-    return train(model, records(), TrainConfig(**opts), out_dir=tmp_path, pad_id=0, progress=False)
+    return TrainConfig(**opts)
+
+
+def run(model, tmp_path, steps=40, callback="dylora:r_min=1", **cfg):
+    return train(model, records(), run_config(steps, callback, **cfg), out_dir=tmp_path, pad_id=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +251,57 @@ def test_truncate_rejects_a_rank_past_the_adapter(trained, tmp_path):
     _, root = trained
     with pytest.raises(ConfigError, match=r"rank must be an integer in \[1, 4\]"):
         truncate(root / "full", R + 1, tmp_path / "too_big")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_resumed_run_draws_the_same_ranks_and_ends_bit_exact(tmp_path):
+    full = lora_model()
+    run(full, tmp_path / "full", steps=8, save_every=4)
+
+    def kill(step, _loss):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(
+            lora_model(),
+            records(),
+            run_config(steps=8, save_every=4),
+            out_dir=tmp_path / "run",
+            pad_id=0,
+            progress=False,
+            on_step=kill,
+        )
+    second = lora_model()  # other adapter weights: only the checkpoint carries state over
+    for _, w in wrappers(second):
+        torch.nn.init.normal_(w.adapters["default"].A)
+    result = train(
+        second,
+        records(),
+        run_config(steps=8, save_every=4),
+        out_dir=tmp_path / "run",
+        pad_id=0,
+        progress=False,
+        resume=True,
+    )
+    assert result.resumed_from == 4
+    assert snapshot(second).keys() == snapshot(full).keys()
+    for name, (A, B) in snapshot(full).items():
+        assert A.equal(snapshot(second)[name][0]) and B.equal(snapshot(second)[name][1]), name
+
+
+def test_embedding_adapters_truncate_too(tmp_path):
+    """A LoRA on the token embedding (lora_embedding_A / _B in PEFT's layout) slices and loads the same way
+    (float64: these random factors are large enough that float32 rounding alone reaches 1e-6 in the logits)."""
+    targets = ["embed_tokens", "v_proj"]
+    model = lk.attach(tiny_llama(0).double(), lk.method_config("lora", r=R, alpha=3.0), targets=targets)
+    randomize_adapters(model, seed=4, std=0.3)
+    lk.save_adapter(model, tmp_path / "full")
+    ids = compare_truncations(model, tmp_path / "full", tmp_path, lambda: tiny_llama(0).double(), (1, 2))
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(0).double(), str(tmp_path / "rank2")).eval()
+    set_rank(model, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
