@@ -51,8 +51,9 @@ def run_config(steps=40, callback="dylora:r_min=1", **cfg) -> TrainConfig:
     return TrainConfig(**opts)
 
 
-def run(model, tmp_path, steps=40, callback="dylora:r_min=1", **cfg):
-    return train(model, records(), run_config(steps, callback, **cfg), out_dir=tmp_path, pad_id=0, progress=False)
+def run(model, tmp_path, steps=40, callback="dylora:r_min=1", *, on_step=None, resume=False, **cfg):
+    opts = dict(out_dir=tmp_path, pad_id=0, progress=False, on_step=on_step, resume=resume)
+    return train(model, records(), run_config(steps, callback, **cfg), **opts)
 
 
 @pytest.fixture(scope="module")
@@ -266,27 +267,11 @@ def test_a_resumed_run_draws_the_same_ranks_and_ends_bit_exact(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train(
-            lora_model(),
-            records(),
-            run_config(steps=8, save_every=4),
-            out_dir=tmp_path / "run",
-            pad_id=0,
-            progress=False,
-            on_step=kill,
-        )
+        run(lora_model(), tmp_path / "run", steps=8, save_every=4, on_step=kill)
     second = lora_model()  # other adapter weights: only the checkpoint carries state over
     for _, w in wrappers(second):
         torch.nn.init.normal_(w.adapters["default"].A)
-    result = train(
-        second,
-        records(),
-        run_config(steps=8, save_every=4),
-        out_dir=tmp_path / "run",
-        pad_id=0,
-        progress=False,
-        resume=True,
-    )
+    result = run(second, tmp_path / "run", steps=8, save_every=4, resume=True)
     assert result.resumed_from == 4
     assert snapshot(second).keys() == snapshot(full).keys()
     for name, (A, B) in snapshot(full).items():
