@@ -108,6 +108,8 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         "models/date-nf4": str(tmp_path / "date-nf4"),
         "models/date-dense": str(tmp_path / "date-dense"),
         "adapters/date-ada": str(tmp_path / "date-ada"),  # the README's adalora run, then inspected
+        "adapters/date-dylora": str(tmp_path / "date-dylora"),  # the README's dylora run, then cut to rank 2
+        "adapters/date-dylora-r2": str(tmp_path / "date-dylora-r2"),
     }
     for args in commands:
         args = [swap.get(a, a) for a in args]
@@ -118,8 +120,9 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         if args[0] == "demo":  # `make demo` runs it on SmolLM2; here the same code runs on the tiny checkpoint
             args += ["--base", str(tiny_checkpoint), "--steps", "3"]
         if args[0] == "train":  # the same command on the tiny checkpoint, a few steps (a repeated flag: last wins)
-            target = args[args.index("--out") + 1]  # the adalora run's is kept: `inspect` reads it next
-            out = Path(target) if target == swap["adapters/date-ada"] else tmp_path / "train" / target.replace("/", "_")
+            target = args[args.index("--out") + 1]  # the adalora and dylora runs are kept: inspect / resize read them
+            kept = (swap["adapters/date-ada"], swap["adapters/date-dylora"])
+            out = Path(target) if target in kept else tmp_path / "train" / target.replace("/", "_")
             args += ["--base", str(tiny_checkpoint), "--steps", "2", "--train-examples", "8", "--eval-examples", "2"]
             args += ["--out", str(out)]
             # the tiny checkpoint has 4 q/v modules (SmolLM2: 60) and 2 steps: a budget and schedule that fit it
@@ -132,6 +135,7 @@ def test_every_cli_example_runs(smollm2_adapter, tiny_checkpoint, tmp_path):
         assert result.exit_code == 0, (args, result.output)
         assert result.stdout.strip(), args
     assert (tmp_path / "demo" / "summary.json").is_file()
+    assert json.loads((tmp_path / "date-dylora-r2" / "adapter_config.json").read_text())["r"] == 2
     for merged in ("date-nf4", "date-dense"):  # the quantized merges: a checkpoint and its drift report
         assert (tmp_path / merged / "config.json").is_file() and (tmp_path / merged / "drift.json").is_file()
 

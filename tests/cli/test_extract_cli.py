@@ -6,9 +6,10 @@ import json
 
 from typer.testing import CliRunner
 
+import lorakit as lk
 from lorakit.cli import app
 from lorakit.io.factors import read_factors
-from lorakit.testing import save_tuned_pair, tiny_llama
+from lorakit.testing import randomize_adapters, save_tuned_pair, tiny_llama
 
 runner = CliRunner()
 
@@ -36,6 +37,25 @@ def test_extract_then_resize(tmp_path):
     assert result.exit_code == 0, result.output
     assert set(read_factors(tmp_path / "r").ranks().values()) == {2}
     assert runner.invoke(app, ["resize", str(tmp_path / "a"), "--out", str(tmp_path / "r2")]).exit_code == 2
+
+
+def test_resize_nested_keeps_the_first_components(tmp_path):
+    """--nested: DyLoRA's truncation (train/callbacks/dylora.truncate), no SVD."""
+    model = lk.attach(tiny_llama(0), lk.method_config("lora", r=4), targets=["q_proj"])
+    randomize_adapters(model, seed=1)
+    lk.save_adapter(model, tmp_path / "a")
+    result = runner.invoke(
+        app, ["resize", str(tmp_path / "a"), "--out", str(tmp_path / "r"), "--rank", "2", "--nested"]
+    )
+    assert result.exit_code == 0, result.output
+    full, cut = read_factors(tmp_path / "a").factors, read_factors(tmp_path / "r").factors
+    assert full.keys() == cut.keys()
+    for m, f in cut.items():  # the first two components, at scale α/2
+        assert f.A.equal(full[m].A[:2]) and f.B.equal(full[m].B[:, :2]) and f.scale == full[m].scale * 2
+    bad = runner.invoke(
+        app, ["resize", str(tmp_path / "a"), "--out", str(tmp_path / "x"), "--energy", "0.5", "--nested"]
+    )
+    assert bad.exit_code == 2 and "--nested takes --rank R alone" in bad.output
 
 
 def test_help_of_both_verbs():

@@ -103,11 +103,22 @@ def resize(
     rank: Annotated[int | None, Opt(min=1, help="New rank per module.")] = None,
     energy: Annotated[float | None, Opt(help="Smallest rank keeping this fraction of Σσ² per module.")] = None,
     max_rank: Annotated[int | None, Opt(min=1, help="Cap on the rank (with --energy).")] = None,
+    nested: Annotated[
+        bool, Opt("--nested", help="Keep the first --rank components instead (a DyLoRA-trained adapter's rank).")
+    ] = False,
 ) -> None:
-    """Re-factor ADAPTER to a lower rank by an exact SVD of B·A (QR of the factors, then an r×r SVD)."""
+    """Re-factor ADAPTER to a lower rank by an exact SVD of B·A (QR of the factors, then an r×r SVD);
+    with --nested, keep its first R components as a standard rank-R LoRA (the rank-R model of a DyLoRA run)."""
     from lorakit.errors import ConfigError
     from lorakit.extract.resize import resize as run
 
+    if nested:
+        from lorakit.train.callbacks.dylora import truncate
+
+        if rank is None or energy is not None or max_rank is not None:
+            raise ConfigError("--nested takes --rank R alone (the first R components), not --energy or --max-rank.")
+        console.print(f"kept the first {rank} components of every module; wrote {truncate(adapter, rank, out)}")
+        return
     if rank is None and energy is None and max_rank is None:
         raise ConfigError("give --rank R or --energy E (optionally with --max-rank).")
     report = run(adapter, out, rank=rank, energy=energy, max_rank=max_rank)
