@@ -64,8 +64,8 @@ def sample_rank(seed: int, step: int, r_min: int, r_max: int) -> int:
 
 @register_callback(
     "dylora",
-    help="DyLoRA: each step trains every lora adapter at a rank b ~ U[r_min, r_max] (nested, α/b); any rank-b "
-    "truncation is a standard LoRA (QDyLoRA on an NF4 base). Options: r_min, r_max, frozen.",
+    help="DyLoRA: each step trains every lora adapter at a rank b from r_min..r_max (nested, scale α/b); each "
+    "rank-b truncation is a standard LoRA; QDyLoRA on an NF4 base. Options: r_min, r_max, frozen.",
 )
 class DyLora(Callback):
     def __init__(self, r_min: int = 1, r_max: int | None = None, frozen: bool = False) -> None:
