@@ -222,12 +222,14 @@ def test_the_engine_serves_ranks_1_to_R_each_as_that_rank_alone(trained, tmp_pat
     [
         ("dora", "dylora", "plain 'lora' adapters"),
         ("vera", "dylora", "plain 'lora' adapters"),
+        ("lora_bias", "dylora", "lora_bias, which is scaled by α/r"),
         ("lora", "dylora:r_min=5", "r_min=5 exceeds r_max=4"),
         ("lora", "dylora:r_max=6", "r_max=6 exceeds the smallest attached rank r=4"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_training(tmp_path, method, spec, message):
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=R), targets=["q_proj"])
+    cfg = lk.method_config("lora", r=R, lora_bias=True) if method == "lora_bias" else lk.method_config(method, r=R)
+    model = lk.attach(tiny_llama(0), cfg, targets=["q_proj"])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with pytest.raises(ConfigError, match=message):
         run(model, tmp_path, steps=2, callback=spec)
@@ -290,3 +292,31 @@ def test_embedding_adapters_truncate_too(tmp_path):
     set_rank(model, 2)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_slices_at_alpha_over_sqrt_b(tmp_path):
+    """With rsLoRA the rank-b slice is scaled by α/√b, which a rank-b use_rslora LoRA with the same alpha reproduces."""
+    model = lk.attach(
+        tiny_llama(0).double(), lk.method_config("lora", r=R, alpha=3.0, rslora=True), targets="all-linear"
+    )
+    randomize_adapters(model, seed=5, std=0.3)
+    _, w = next(iter(wrappers(model)))
+    adapter = w.adapters["default"]
+    adapter.rank_limit = 2
+    x = torch.randn(2, adapter.A.shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        want = w.base_layer(x) + 3.0 / 2**0.5 * x @ adapter.A[:2].T @ adapter.B[:, :2].T
+        torch.testing.assert_close(w(x), want)
+    lk.save_adapter(model, tmp_path / "full")
+    ids = compare_truncations(model, tmp_path / "full", tmp_path, lambda: tiny_llama(0).double(), (1, 3))
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(0).double(), str(tmp_path / "rank3")).eval()
+    set_rank(model, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_truncate_refuses_lora_bias(tmp_path):
+    model = lk.attach(tiny_llama(0), lk.method_config("lora", r=R, lora_bias=True), targets=["q_proj"])
+    lk.save_adapter(model, tmp_path / "full")
+    with pytest.raises(ConfigError, match="lora_bias"):
+        truncate(tmp_path / "full", 2, tmp_path / "cut")

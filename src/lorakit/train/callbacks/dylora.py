@@ -45,6 +45,11 @@ def _active_lora(model: nn.Module) -> dict[str, Lora]:
                 f"dylora trains nested ranks of plain 'lora' adapters; {name} has a {type(adapter).__name__} adapter "
                 "(no rank dimension DyLoRA can slice). Attach lk.method_config('lora', r=...) instead."
             )
+        if adapter.b is not None:
+            raise ConfigError(
+                f"dylora: {name} has lora_bias, which is scaled by α/r and would change with the rank; "
+                "attach the lora adapter without lora_bias."
+            )
         if adapter.base_shift() is not None:
             raise ConfigError(
                 f"dylora: {name}'s init ({adapter.config.init!r}) moved part of the base into the adapter, so a "
@@ -130,6 +135,8 @@ def truncate(src: str | Path, rank: int, out: str | Path) -> Path:
     fields = read_config(src)
     require_plain_lora(fields, src, "truncate takes a plain LoRA adapter dir (as DyLoRA saves).")
     tensors, block = read_tensors(src / WEIGHTS_NAME)
+    if fields.get("lora_bias"):
+        raise ConfigError(f"truncate: {src} has lora_bias, scaled by α/r, so no rank-b LoRA reproduces it.")
     ranks = [int(fields["r"]), *(int(v) for v in (fields.get("rank_pattern") or {}).values())]
     if not isinstance(rank, int) or not 1 <= rank <= min(ranks):
         raise ConfigError(f"truncate: rank must be an integer in [1, {min(ranks)}] for {src}, got {rank!r}.")
