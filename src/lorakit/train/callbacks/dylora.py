@@ -111,7 +111,7 @@ class DyLora(Callback):
                 adapter.B.grad[:, :lo] = 0
             self.kept[name] = (adapter.A.detach().clone(), adapter.B.detach().clone())
 
-    def on_step_end(self, state: TrainState) -> None:
+    def after_optimizer_step(self, state: TrainState) -> None:  # right after the update, before anyone reads it
         lo = self.b - 1 if self.frozen else 0
         with torch.no_grad():
             for name, adapter in _active_lora(state.model).items():
