@@ -280,35 +280,27 @@ def test_a_resumed_run_draws_the_same_ranks_and_ends_bit_exact(tmp_path):
         assert A.equal(snapshot(second)[name][0]) and B.equal(snapshot(second)[name][1]), name
 
 
-def test_embedding_adapters_truncate_too(tmp_path):
-    """A LoRA on the token embedding (lora_embedding_A / _B in PEFT's layout) slices and loads the same way
-    (float64: these random factors are large enough that float32 rounding alone reaches 1e-6 in the logits)."""
-    targets = ["embed_tokens", "v_proj"]
-    model = lk.attach(tiny_llama(0).double(), lk.method_config("lora", r=R, alpha=3.0), targets=targets)
+@pytest.mark.parametrize(
+    ("targets", "rslora"),
+    [(["embed_tokens", "v_proj"], False), ("all-linear", True)],
+    ids=["embedding", "rslora"],
+)
+def test_embedding_and_rslora_adapters_truncate_too(tmp_path, targets, rslora):
+    """A LoRA on the token embedding (lora_embedding_A / _B in PEFT's layout) slices and loads the same way; with
+    rsLoRA the rank-b slice is scaled by α/√b, which a rank-b use_rslora LoRA with the same alpha reproduces.
+    (float64: these random factors are large enough that float32 rounding alone reaches 1e-6 in the logits.)"""
+    cfg = lk.method_config("lora", r=R, alpha=3.0, rslora=rslora)
+    model = lk.attach(tiny_llama(0).double(), cfg, targets=targets)
     randomize_adapters(model, seed=4, std=0.3)
-    lk.save_adapter(model, tmp_path / "full")
-    ids = compare_truncations(model, tmp_path / "full", tmp_path, lambda: tiny_llama(0).double(), (1, 2))
-    peft_model = peft.PeftModel.from_pretrained(tiny_llama(0).double(), str(tmp_path / "rank2")).eval()
-    set_rank(model, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
-
-
-def test_rslora_slices_at_alpha_over_sqrt_b(tmp_path):
-    """With rsLoRA the rank-b slice is scaled by α/√b, which a rank-b use_rslora LoRA with the same alpha reproduces."""
-    model = lk.attach(
-        tiny_llama(0).double(), lk.method_config("lora", r=R, alpha=3.0, rslora=True), targets="all-linear"
-    )
-    randomize_adapters(model, seed=5, std=0.3)
-    _, w = next(iter(wrappers(model)))
+    w = model.get_submodule("model.layers.0.self_attn.v_proj")
     adapter = w.adapters["default"]
     adapter.rank_limit = 2
     x = torch.randn(2, adapter.A.shape[1], dtype=torch.float64)
-    with torch.no_grad():
-        want = w.base_layer(x) + 3.0 / 2**0.5 * x @ adapter.A[:2].T @ adapter.B[:, :2].T
+    with torch.no_grad():  # α/√b under rsLoRA, α/b otherwise
+        want = w.base_layer(x) + 3.0 / (2**0.5 if rslora else 2) * x @ adapter.A[:2].T @ adapter.B[:, :2].T
         torch.testing.assert_close(w(x), want)
     lk.save_adapter(model, tmp_path / "full")
-    ids = compare_truncations(model, tmp_path / "full", tmp_path, lambda: tiny_llama(0).double(), (1, 3))
+    ids = compare_truncations(model, tmp_path / "full", tmp_path, lambda: tiny_llama(0).double(), (1, 2, 3))
     peft_model = peft.PeftModel.from_pretrained(tiny_llama(0).double(), str(tmp_path / "rank3")).eval()
     set_rank(model, 3)
     with torch.no_grad():
