@@ -1,6 +1,6 @@
 """What the rank allocators share (AdaLoRA first; its descendants reuse it): sensitivity scores with EMA and
 uncertainty, the cubic budget schedule, a global top-k allocation, and rank surgery that removes components
-from an adapter (smaller tensors, its optimizer state sliced alike).
+from an adapter (smaller tensors, its optimizer state sliced alike) or adds new ones (IncreLoRA).
 
 Rank surgery keeps outputs unchanged exactly when the removed components contribute nothing (AdaLoRA's masked
 Λ = 0): the adapter is rebuilt at the smaller rank by its own ``from_base`` and loaded with its kept slices.
@@ -9,7 +9,7 @@ Rank surgery keeps outputs unchanged exactly when the removed components contrib
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -74,6 +74,47 @@ def top_k(scores: Mapping[str, torch.Tensor], budget: int) -> dict[str, torch.Te
     return masks
 
 
+def _rebuild(adapter: AdapterModule, base: nn.Module, r: int) -> AdapterModule:
+    """A fresh adapter of ``adapter``'s method at rank ``r`` (its own ``from_base`` init), with ``alpha``
+    rescaled where the scale depends on r (LoRA's α/r, α/√r with rsLoRA) so the scale stays the same."""
+    cfg = adapter.config
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if "r" not in fields:
+        raise ConfigError(f"method {adapter.method_name!r} has no rank r, so it has no rank components to change.")
+    new = type(adapter).from_base(base, dataclasses.replace(cfg, r=r))
+    if new.scale != adapter.scale and "alpha" in fields:  # a scale α/r or α/√r: keep s by rescaling α
+        alpha = cfg.alpha * adapter.scale / new.scale
+        new = type(adapter).from_base(base, dataclasses.replace(cfg, r=r, alpha=alpha))
+    new.train(adapter.training)
+    return new
+
+
+def _resize(
+    adapter: AdapterModule,
+    new: AdapterModule,
+    optimizer: torch.optim.Optimizer | None,
+    resize: Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor],
+) -> AdapterModule:
+    """Load ``new`` with ``resize(old, dim, fresh)`` of each ``export_state`` tensor whose shape changed in one
+    dimension ``dim`` (``fresh``: ``new``'s own init there; unchanged tensors are copied) and move the
+    ``optimizer``'s state alike (``fresh`` None: the state's slots for new components are zeros)."""
+    old_state, new_state = adapter.export_state(), new.export_state()
+    loaded: dict[str, torch.Tensor] = {}
+    dims: dict[str, int | None] = {}
+    for key, old in old_state.items():
+        changed = [d for d, (a, b) in enumerate(zip(old.shape, new_state[key].shape, strict=True)) if a != b]
+        assert len(changed) <= 1, f"{key}: the rank is in one dimension, got {old.shape} -> {new_state[key].shape}"
+        dims[key] = changed[0] if changed else None
+        fresh = new_state[key].detach().clone()
+        loaded[key] = resize(old.detach(), changed[0], fresh) if changed else old.detach()
+    new.import_state(loaded)
+    for key, old in old_state.items():
+        new_state[key].requires_grad_(old.requires_grad)
+        if optimizer is not None:
+            _swap_in_optimizer(optimizer, old, new_state[key], dims[key], resize)
+    return new
+
+
 def keep_components(
     adapter: AdapterModule, base: nn.Module, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
 ) -> AdapterModule:
@@ -84,41 +125,49 @@ def keep_components(
     one dimension is the old one's ``index_select`` there, and so is its ``optimizer`` state (the old parameter
     is swapped for the new one in the optimizer's groups). The caller installs the result.
     """
-    cfg = adapter.config
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    if "r" not in fields:
-        raise ConfigError(f"method {adapter.method_name!r} has no rank r, so it has no components to remove.")
-    new = type(adapter).from_base(base, dataclasses.replace(cfg, r=int(keep.numel())))
-    if new.scale != adapter.scale and "alpha" in fields:  # a scale α/r or α/√r: keep s by rescaling α
-        alpha = cfg.alpha * adapter.scale / new.scale
-        new = type(adapter).from_base(base, dataclasses.replace(cfg, r=int(keep.numel()), alpha=alpha))
-    new.train(adapter.training)
-    old_state, new_state = adapter.export_state(), new.export_state()
-    sliced: dict[str, torch.Tensor] = {}
-    dims: dict[str, int | None] = {}
-    for key, old in old_state.items():
-        changed = [d for d, (a, b) in enumerate(zip(old.shape, new_state[key].shape, strict=True)) if a != b]
-        assert len(changed) <= 1, f"{key}: the rank is in one dimension, got {old.shape} -> {new_state[key].shape}"
-        dims[key] = changed[0] if changed else None
-        idx = keep.to(old.device)
-        sliced[key] = old.detach().index_select(changed[0], idx) if changed else old.detach()
-    new.import_state(sliced)
-    for key, old in old_state.items():
-        new_state[key].requires_grad_(old.requires_grad)
-        if optimizer is not None:
-            _swap_in_optimizer(optimizer, old, new_state[key], dims[key], keep)
-    return new
+    new = _rebuild(adapter, base, int(keep.numel()))
+
+    def select(old: torch.Tensor, dim: int, fresh: torch.Tensor | None) -> torch.Tensor:
+        return old.index_select(dim, keep.to(old.device))
+
+    return _resize(adapter, new, optimizer, select)
+
+
+def add_components(
+    adapter: AdapterModule, base: nn.Module, k: int, optimizer: torch.optim.Optimizer | None = None
+) -> AdapterModule:
+    """A copy of ``adapter`` with ``k`` more rank components (config ``r`` + k), appended after the old ones.
+
+    The counterpart of :func:`keep_components` (same rebuild, alpha rescale and optimizer swap): the old
+    components are copied, the new ones are the method's own ``from_base`` init there (LoRA: Kaiming A rows and
+    zero B columns; embeddings zero A rows), so they contribute nothing and the output is unchanged; their
+    optimizer state (moments) starts at zeros. The caller installs the result.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"add_components: k must be a positive integer, got {k!r}.")
+    new = _rebuild(adapter, base, int(adapter.config.r) + k)
+
+    def grow(old: torch.Tensor, dim: int, fresh: torch.Tensor | None) -> torch.Tensor:
+        shape = list(old.shape)
+        shape[dim] = k
+        tail = fresh.narrow(dim, fresh.shape[dim] - k, k) if fresh is not None else old.new_zeros(shape)
+        return torch.cat([old, tail.to(old)], dim=dim)
+
+    return _resize(adapter, new, optimizer, grow)
 
 
 def _swap_in_optimizer(
-    optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, dim: int | None, keep: torch.Tensor
+    optimizer: torch.optim.Optimizer,
+    old: torch.Tensor,
+    new: torch.Tensor,
+    dim: int | None,
+    resize: Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor],
 ) -> None:
-    """Put ``new`` where ``old`` is in the optimizer's groups, its state sliced like the tensor."""
+    """Put ``new`` where ``old`` is in the optimizer's groups, its state resized like the tensor."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
     if state is not None:
         optimizer.state[new] = {
-            k: v.index_select(dim, keep.to(v.device)) if dim is not None and v.shape == old.shape else v
-            for k, v in state.items()
+            k: resize(v, dim, None) if dim is not None and v.shape == old.shape else v for k, v in state.items()
         }

@@ -1,0 +1,139 @@
+"""The increlora callback: adding a rank component leaves the model's output unchanged (1e-6) and extends the
+optimizer state with zeros; a run grows the highest-scoring modules, stays within the budget and saves an
+adapter PEFT loads with the same logits; bad input is a clear error before the first step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.errors import ConfigError
+from lorakit.inject import wrappers
+from lorakit.testing import randomize_adapters, tiny_llama
+from lorakit.train.callbacks.increlora import IncreLoraAllocator, grow
+from lorakit.train.data import Record
+from lorakit.train.loop import TrainConfig, train
+from lorakit.train.optimizers.adamw import adamw
+from tests.helpers import logits, tokens
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+X = tokens(batch=2, length=10, seed=5)
+
+
+def records() -> list[Record]:
+    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
+    return [Record(r, r) for r in rows]
+
+
+def ranks(model: torch.nn.Module) -> dict[str, int]:
+    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adding_a_component_leaves_the_output_and_the_old_optimizer_state_unchanged(rslora):
+    torch.manual_seed(0)
+    model = lk.attach(
+        tiny_llama(1), lk.method_config("lora", r=2, alpha=4.0, rslora=rslora), targets=TARGETS + ["embed_tokens"]
+    )
+    randomize_adapters(model, seed=1)  # nonzero B: the old components contribute
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    model.train()(X).logits.sum().backward()
+    opt.step()
+    names = [n for n, _ in wrappers(model)]
+    grown = [names[0], names[2], names[-1]]  # the embedding included
+    olds = {n: w.adapters["default"] for n, w in wrappers(model)}
+    moments = {n: opt.state[olds[n].B]["exp_avg"].clone() for n in grown}
+    before = logits(model.eval(), X)
+    grow(model, grown, opt)
+    torch.testing.assert_close(logits(model, X), before, atol=1e-6, rtol=0)
+    assert ranks(model) == {n: 3 if n in grown else 2 for n in names}
+    for n, w in wrappers(model):
+        a = w.adapters["default"]
+        assert a.scale == pytest.approx(olds[n].scale)
+        if n in grown:
+            assert a.A.shape[0] == a.B.shape[1] == 3 and a.A.requires_grad and a.B.requires_grad
+            state = opt.state[a.B]["exp_avg"]
+            torch.testing.assert_close(state[:, :2], moments[n])
+            assert not state[:, 2].any()
+            assert any(a.B is p for g in opt.param_groups for p in g["params"])
+            assert not any(olds[n].B is p for g in opt.param_groups for p in g["params"])
+    model.train()(X).logits.sum().backward()
+    opt.step()  # the optimizer steps the grown parameters
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tiny_llama(0)
+    torch.manual_seed(0)
+    model = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=1, alpha=2.0), targets=TARGETS)
+    budget = len(ranks(model)) + 5
+    cfg = TrainConfig(
+        steps=14, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(f"increlora:budget={budget},every=2",)
+    )
+    captured: list[IncreLoraAllocator] = []
+    init = IncreLoraAllocator.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        captured.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(IncreLoraAllocator, "__init__", keep)
+        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
+    return base, model.eval(), budget, captured[-1]
+
+
+def test_a_run_grows_the_highest_scoring_modules_within_the_budget(run):
+    base, model, budget, callback = run
+    final = ranks(model)
+    assert sum(final.values()) == budget  # 7 allocations of one, capped at the budget (5 grown)
+    grown = [name for _, _, chosen in callback.history for name in chosen]
+    assert len(grown) == 5 and [step for step, _, _ in callback.history] == [2, 4, 6, 8, 10]
+    for _, scores, chosen in callback.history:
+        assert chosen == [max(scores, key=lambda n: scores[n])]  # the argmax of the recorded scores
+    assert final == {n: 1 + grown.count(n) for n in final}
+    assert (logits(model, X) - logits(base, X)).abs().max() > 1e-3  # training moved the model
+
+
+def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model, _, _ = run
+    path = lk.save_adapter(model, tmp_path / "inc")
+    y = logits(model, X)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(lk.load_adapter(copy.deepcopy(base), path), X), y, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "spec, method, match",
+    [
+        ("increlora:budget=5", "lora", "below the attached total rank 12"),
+        ("increlora:budget=20", "adalora", "attach method 'lora'"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, match):
+    steps: list[int] = []
+    monkeypatch.setattr(IncreLoraAllocator, "after_backward", lambda self, state: steps.append(state.step))
+    model = lk.attach(tiny_llama(0), lk.method_config(method, r=3), targets=["q_proj", "v_proj"])  # 4 modules
+    with pytest.raises(ConfigError, match=match):
+        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
+    assert not steps
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "increlora:budget=8,every=0",
+        "increlora:budget=8,every=-2",
+        "increlora:budget=0",
+        "increlora:budget=8,per_step=0",
+    ],
+)
+def test_bad_options_are_errors_when_the_config_is_built(spec):
+    with pytest.raises(ConfigError, match="must be a positive integer"):
+        TrainConfig(steps=10, callbacks=(spec,))
