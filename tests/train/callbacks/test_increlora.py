@@ -65,6 +65,42 @@ def test_adding_a_component_leaves_the_output_and_the_old_optimizer_state_unchan
     opt.step()  # the optimizer steps the grown parameters
 
 
+def test_a_grown_adapter_from_a_base_shifting_init_saves_for_the_original_base(tmp_path):
+    """PiSSA moves its components out of the base; the grown adapter keeps that shift, so the saved dir is still
+    a delta for the original base (outputs to 1e-5 after reloading there)."""
+    base = tiny_llama(2)
+    model = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=2, init="pissa"), targets=TARGETS)
+    randomize_adapters(model, seed=2)
+    names = [n for n, _ in wrappers(model)]
+    grow(model, names[:2])
+    y = logits(model, X)
+    path = lk.save_adapter(model, tmp_path / "pissa")
+    torch.testing.assert_close(logits(lk.load_adapter(copy.deepcopy(base), path), X), y, atol=1e-5, rtol=1e-5)
+
+
+def test_resuming_an_increlora_run_is_refused(tmp_path):
+    """The scores are not checkpointed: resuming is a ConfigError, whether the checkpoint holds grown shapes or not."""
+    model = lk.attach(tiny_llama(0), lk.method_config("lora", r=1), targets=["q_proj", "v_proj"])
+    cfg = TrainConfig(steps=6, batch_size=2, save_every=2, callbacks=("increlora:budget=8,every=1",))
+
+    def crash(step: int, _: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, records(), cfg, out_dir=tmp_path, pad_id=0, progress=False, on_step=crash)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    fresh = lk.attach(tiny_llama(0), lk.method_config("lora", r=1), targets=["q_proj", "v_proj"])
+    with pytest.raises(ConfigError, match="resume"):  # the checkpoint's grown shapes do not fit the fresh r=1
+        train(fresh, records(), cfg, out_dir=tmp_path, pad_id=0, progress=False, resume=True)
+    cfg = TrainConfig(steps=6, batch_size=2, save_every=2, callbacks=("increlora:budget=8,every=5",))
+    with pytest.raises(KeyboardInterrupt):  # a checkpoint (step 2) from before the first addition
+        train(fresh, records(), cfg, out_dir=tmp_path / "early", pad_id=0, progress=False, on_step=crash)
+    again = lk.attach(tiny_llama(0), lk.method_config("lora", r=1), targets=["q_proj", "v_proj"])
+    with pytest.raises(ConfigError, match="without --resume"):
+        train(again, records(), cfg, out_dir=tmp_path / "early", pad_id=0, progress=False, resume=True)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tiny_llama(0)

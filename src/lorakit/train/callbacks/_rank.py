@@ -76,7 +76,8 @@ def top_k(scores: Mapping[str, torch.Tensor], budget: int) -> dict[str, torch.Te
 
 def _rebuild(adapter: AdapterModule, base: nn.Module, r: int) -> AdapterModule:
     """A fresh adapter of ``adapter``'s method at rank ``r`` (its own ``from_base`` init), with ``alpha``
-    rescaled where the scale depends on r (LoRA's α/r, α/√r with rsLoRA) so the scale stays the same."""
+    rescaled where the scale depends on r (LoRA's α/r, α/√r with rsLoRA) so the scale stays the same, and the
+    same ``init_shift`` (saving folds it back into the base whatever the rank)."""
     cfg = adapter.config
     fields = {f.name for f in dataclasses.fields(cfg)}
     if "r" not in fields:
@@ -86,6 +87,7 @@ def _rebuild(adapter: AdapterModule, base: nn.Module, r: int) -> AdapterModule:
         alpha = cfg.alpha * adapter.scale / new.scale
         new = type(adapter).from_base(base, dataclasses.replace(cfg, r=r, alpha=alpha))
     new.train(adapter.training)
+    new.init_shift = adapter.init_shift  # what an init (PiSSA, ...) took out of the base: rank-independent
     return new
 
 
