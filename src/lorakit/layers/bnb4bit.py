@@ -11,23 +11,18 @@ import importlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers._api import linear_forward_with, register_kind
+from lorakit.layers._api import register_kind
+from lorakit.layers.linear import Linear
 
 
 @register_kind
-class Bnb4bit:
+class Bnb4bit(Linear):  # dims, project_in, base_bias and forward_with are Linear's
     name = "bnb4bit"
     family = "linear"
     types = ("bitsandbytes.nn.modules:Linear4bit",)
     quantized = True
-    forward_with = staticmethod(linear_forward_with)
-
-    @staticmethod
-    def dims(base: nn.Module) -> tuple[int, int]:
-        return int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
 
     @staticmethod
     def weight_out_in(base: nn.Module) -> torch.Tensor:
@@ -37,14 +32,6 @@ class Bnb4bit:
         if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes repacked it for its AVX512 kernel
             data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
         return bnbf.dequantize_4bit(data, state).detach()  # (out, in)
-
-    @staticmethod
-    def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-        return delta  # the dequantized weight's layout (nothing is ever added into the codes)
-
-    @staticmethod
-    def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(A.dtype), A)  # (..., r)
 
     @staticmethod
     def forward_dtype(base: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
@@ -58,10 +45,6 @@ class Bnb4bit:
         weight: Any = base.weight  # bitsandbytes' Params4bit: packed codes, with its QuantState
         compute: torch.dtype = getattr(base, "compute_dtype", None) or x.dtype
         return bnb.matmul_4bit(x.to(compute), weight, quant_state=weight.quant_state).to(x.dtype)
-
-    @staticmethod
-    def base_bias(base: nn.Module) -> torch.Tensor | None:
-        return base.bias  # type: ignore[return-value]
 
     @staticmethod
     def requantize(base: nn.Module, W: torch.Tensor) -> None:

@@ -10,23 +10,18 @@ import importlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers._api import linear_forward_with, register_kind
+from lorakit.layers._api import register_kind
+from lorakit.layers.linear import Linear
 
 
 @register_kind
-class Bnb8bit:
+class Bnb8bit(Linear):  # dims, project_in, base_bias and forward_with are Linear's
     name = "bnb8bit"
     family = "linear"
     types = ("bitsandbytes.nn.modules:Linear8bitLt",)
     quantized = True
-    forward_with = staticmethod(linear_forward_with)
-
-    @staticmethod
-    def dims(base: nn.Module) -> tuple[int, int]:
-        return int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
 
     @staticmethod
     def weight_out_in(base: nn.Module) -> torch.Tensor:
@@ -37,23 +32,11 @@ class Bnb8bit:
         return bnbf.int8_vectorwise_dequant(weight.data, scb).float()  # (out, in)
 
     @staticmethod
-    def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-        return delta
-
-    @staticmethod
-    def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(A.dtype), A)  # (..., r)
-
-    @staticmethod
     def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x·Ŵᵀ through bitsandbytes (the layer's forward, its bias taken off again)."""
         y = base(x)
         bias = base.bias
         return y if bias is None else y - bias.to(y.dtype)
-
-    @staticmethod
-    def base_bias(base: nn.Module) -> torch.Tensor | None:
-        return base.bias  # type: ignore[return-value]
 
     @staticmethod
     def requantize(base: nn.Module, W: torch.Tensor) -> None:

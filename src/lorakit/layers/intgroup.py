@@ -14,32 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers._api import linear_forward_with, register_kind
+from lorakit.layers._api import register_kind
+from lorakit.layers.linear import Linear
 
 
 @register_kind
-class IntGroup:
+class IntGroup(Linear):  # dims, project_in, base_bias and forward_with are Linear's
     name = "intgroup"
     family = "linear"
     types = ("lorakit.quant.intgroup:IntGroupLinear",)
     quantized = True
-    forward_with = staticmethod(linear_forward_with)
-
-    @staticmethod
-    def dims(base: nn.Module) -> tuple[int, int]:
-        return int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
 
     @staticmethod
     def weight_out_in(base: nn.Module) -> torch.Tensor:
         return base.dequantized().detach()  # type: ignore[operator]  # (out, in)
-
-    @staticmethod
-    def to_base_layout(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-        return delta  # the dequantized weight's layout
-
-    @staticmethod
-    def project_in(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(A.dtype), A)  # (..., r)
 
     @staticmethod
     def forward_dtype(base: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
@@ -48,10 +36,6 @@ class IntGroup:
     @staticmethod
     def base_linear(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, base.dequantized().to(x.dtype))  # type: ignore[operator]
-
-    @staticmethod
-    def base_bias(base: nn.Module) -> torch.Tensor | None:
-        return base.bias  # type: ignore[return-value]
 
 
 def group_quantize(W: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from lorakit.layers._api import linear_forward_with, register_kind
 class Linear:
     name = "linear"
     family = "linear"
-    types = (nn.Linear,)
+    types: tuple[type[nn.Module] | str, ...] = (nn.Linear,)
     quantized = False
     forward_with = staticmethod(linear_forward_with)
 
