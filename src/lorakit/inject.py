@@ -274,6 +274,13 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield module_name, module
 
 
+def active_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer, AdapterModule]]:
+    """(module name, wrapper, its active adapter) for every adapted layer whose active adapter it holds."""
+    for module_name, w in wrappers(model):
+        if w.active is not None and w.active in w.adapters:
+            yield module_name, w, w.adapters[w.active]  # type: ignore[misc]
+
+
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
     for module_name, module in model.named_modules():
         if isinstance(module, SavedModule):

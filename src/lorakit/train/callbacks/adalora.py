@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.inject import AdaptedLayer, wrappers
-from lorakit.methods._api import AdapterModule
+from lorakit.inject import AdaptedLayer, active_layers
 from lorakit.methods.lowrank.adalora import AdaLora
 from lorakit.train.callbacks._api import Callback, TrainState, register_callback
 from lorakit.train.callbacks._rank import Sensitivity, cubic_budget, keep_components, top_k
@@ -31,10 +30,7 @@ from lorakit.train.callbacks._rank import Sensitivity, cubic_budget, keep_compon
 def _adapters(model: nn.Module) -> list[tuple[str, AdaptedLayer, AdaLora]]:
     """(module, wrapper, adapter) of every wrapped layer with an active adapter, which must be an AdaLoRA one."""
     found = []
-    for name, w in wrappers(model):
-        if w.active is None or w.active not in w.adapters:
-            continue
-        adapter: AdapterModule = w.adapters[w.active]  # type: ignore[assignment]
+    for name, w, adapter in active_layers(model):
         if not isinstance(adapter, AdaLora):
             raise ConfigError(
                 f"the adalora allocator prunes AdaLoRA's P·Λ·Q triplets, but {name} has a "

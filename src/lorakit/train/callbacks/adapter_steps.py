@@ -6,15 +6,12 @@ steps rather than forwards, so they hold with gradient accumulation and after a 
 
 from __future__ import annotations
 
-from lorakit.inject import wrappers
-from lorakit.methods._api import AdapterModule
+from lorakit.inject import active_layers
 from lorakit.train.callbacks._api import Callback, TrainState, register_callback
 
 
 @register_callback("adapter_steps", help="Tell every active adapter the optimizer step (always on).")
 class AdapterSteps(Callback):
     def on_step_begin(self, state: TrainState) -> None:
-        for _, w in wrappers(state.model):
-            if w.active is not None and w.active in w.adapters:
-                adapter: AdapterModule = w.adapters[w.active]  # type: ignore[assignment]
-                adapter.set_step(state.step)
+        for _, _, adapter in active_layers(state.model):
+            adapter.set_step(state.step)

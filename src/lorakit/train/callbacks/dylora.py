@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.inject import wrappers
+from lorakit.inject import active_layers
 from lorakit.io.atomic import atomic_dir
 from lorakit.io.dirs import read_config, read_tensors
 from lorakit.io.peft_format import CONFIG_NAME, WEIGHTS_NAME, require_plain_lora
@@ -36,10 +36,7 @@ from lorakit.train.callbacks._api import Callback, TrainState, register_callback
 def _active_lora(model: nn.Module) -> dict[str, Lora]:
     """Module name -> the active adapter of every adapted layer; a clear error for any that is not plain LoRA."""
     found: dict[str, Lora] = {}
-    for name, w in wrappers(model):
-        adapter = w.adapters[w.active] if w.active is not None and w.active in w.adapters else None
-        if adapter is None:
-            continue
+    for name, _, adapter in active_layers(model):
         if type(adapter) is not Lora:
             raise ConfigError(
                 f"dylora trains nested ranks of plain 'lora' adapters; {name} has a {type(adapter).__name__} adapter "

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.inject import AdaptedLayer, wrappers
-from lorakit.methods._api import AdapterModule
+from lorakit.inject import AdaptedLayer, active_layers
 from lorakit.methods.lowrank.lora import Lora
 from lorakit.train.callbacks._api import Callback, TrainState, register_callback
 from lorakit.train.callbacks._rank import Sensitivity, add_components
@@ -31,10 +30,7 @@ from lorakit.train.callbacks._rank import Sensitivity, add_components
 def _adapters(model: nn.Module) -> list[tuple[str, AdaptedLayer, Lora]]:
     """(module, wrapper, adapter) of every wrapped layer with an active adapter, which must be plain LoRA."""
     found = []
-    for name, w in wrappers(model):
-        if w.active is None or w.active not in w.adapters:
-            continue
-        adapter: AdapterModule = w.adapters[w.active]  # type: ignore[assignment]
+    for name, w, adapter in active_layers(model):
         if type(adapter) is not Lora:
             raise ConfigError(
                 f"the increlora allocator grows the rank of plain 'lora' adapters, but {name} has a "

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.inject import AdaptedLayer, wrappers
+from lorakit.inject import AdaptedLayer, active_layers
 from lorakit.methods.lowrank.loqt import Loqt
 from lorakit.train.callbacks._api import Callback, TrainState, register_callback
 
@@ -24,8 +24,7 @@ from lorakit.train.callbacks._api import Callback, TrainState, register_callback
 def _active_loqt(model: nn.Module) -> list[tuple[str, AdaptedLayer, Loqt]]:
     """(module name, wrapper, adapter) of every layer whose active adapter is a LoQT one."""
     found: list[tuple[str, AdaptedLayer, Loqt]] = []
-    for name, w in wrappers(model):
-        adapter = w.adapters[w.active] if w.active is not None and w.active in w.adapters else None
+    for name, w, adapter in active_layers(model):
         if isinstance(adapter, Loqt):
             found.append((name, w, adapter))
     return found

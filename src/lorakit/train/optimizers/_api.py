@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit.inject import wrappers
+from lorakit.inject import active_layers
 from lorakit.methods._api import AdapterModule
 from lorakit.registry import add_entry, get_entry
 
@@ -64,7 +64,5 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def active_adapters(model: nn.Module) -> Iterator[tuple[AdapterModule, nn.Module]]:
     """(active adapter, its base layer) for every wrapped layer."""
-    for _, w in wrappers(model):
-        if w.active is not None and w.active in w.adapters:
-            adapter: AdapterModule = w.adapters[w.active]  # type: ignore[assignment]
-            yield adapter, w.base_layer
+    for _, w, adapter in active_layers(model):
+        yield adapter, w.base_layer
