@@ -171,5 +171,5 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec):
-    with pytest.raises(ConfigError, match="must be a positive integer"):
+    with pytest.raises(ConfigError, match="must be an integer >= 1"):
         TrainConfig(steps=10, callbacks=(spec,))

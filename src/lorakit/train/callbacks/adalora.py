@@ -18,32 +18,21 @@ first step. The scores and masks live in the callback, not in checkpoints: resum
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.inject import AdaptedLayer, active_layers
 from lorakit.methods.lowrank.adalora import AdaLora
-from lorakit.train.callbacks._api import Callback, TrainState, register_callback
-from lorakit.train.callbacks._rank import Sensitivity, cubic_budget, keep_components, top_k
-
-
-def _adapters(model: nn.Module) -> list[tuple[str, AdaptedLayer, AdaLora]]:
-    """(module, wrapper, adapter) of every wrapped layer with an active adapter, which must be an AdaLoRA one."""
-    found = []
-    for name, w, adapter in active_layers(model):
-        if not isinstance(adapter, AdaLora):
-            raise ConfigError(
-                f"the adalora allocator prunes AdaLoRA's P·Λ·Q triplets, but {name} has a "
-                f"{type(adapter).method_name!r} adapter; attach method 'adalora' (lorakit train --method adalora)."
-            )
-        found.append((name, w, adapter))
-    return found
+from lorakit.train.callbacks._allocator import Layer, RankAllocator, check_ints
+from lorakit.train.callbacks._api import TrainState, register_callback
+from lorakit.train.callbacks._rank import cubic_budget, keep_components, top_k
 
 
 @register_callback(
     "adalora", help="AdaLoRA rank allocation for 'adalora' adapters: budget= total rank at the end (PEFT's semantics)."
 )
-class AdaLoraAllocator(Callback):
+class AdaLoraAllocator(RankAllocator):
+    name = "adalora"
+    method = AdaLora
+
     def __init__(
         self,
         budget: int,
@@ -55,54 +44,31 @@ class AdaLoraAllocator(Callback):
     ):
         """``budget``: total rank over all adapted modules at the end (PEFT's target_r × modules); ``t_init`` /
         ``t_final``: steps before / after the budget falls; ``delta_t``: steps between allocations."""
-        for name, value, low in (("budget", budget, 1), ("t_init", t_init, 0), ("t_final", t_final, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"adalora: {name} must be an integer >= {low}, got {value!r}.")
-        if not isinstance(delta_t, int) or delta_t < 1:
-            raise ConfigError(f"adalora: delta_t must be an integer >= 1, got {delta_t!r}.")
-        self.budget, self.t_init, self.t_final, self.delta_t = budget, t_init, t_final, delta_t
-        self.sensitivity = Sensitivity(beta1, beta2)
-        self.initial = self.total = 0  # set by the check before the first step
+        super().__init__(budget, beta1, beta2)
+        check_ints(self.name, low=0, t_init=t_init, t_final=t_final)
+        check_ints(self.name, delta_t=delta_t)
+        self.t_init, self.t_final, self.delta_t = t_init, t_final, delta_t
+        self.initial = 0  # the attached total rank, set by the check
         self.masks: dict[str, torch.Tensor] = {}  # module -> kept triplets (bool, (r,))
 
-    def on_step_begin(self, state: TrainState) -> None:
-        if not self.total:
-            if state.step > 0:
-                raise ConfigError(
-                    "adalora: a resumed run cannot continue the allocation (its scores and masks are not in the "
-                    "checkpoint yet); train again without --resume."
-                )
-            self.check(state.model, state.config.steps)
-
-    def check(self, model: nn.Module, steps: int) -> None:
-        """ConfigErrors for a model or a run the budget and schedule cannot fit (before training starts)."""
-        adapters = _adapters(model)
-        if not adapters:
-            raise ConfigError("the adalora allocator found no active adapter; attach method 'adalora' first.")
-        capacity, n = sum(a.config.r for _, _, a in adapters), len(adapters)
-        if self.budget > capacity:
-            raise ConfigError(
-                f"adalora: budget={self.budget} exceeds the attached capacity (total rank {capacity} over {n} "
-                "modules); lower budget or attach a larger r."
-            )
-        if self.budget < n:
-            raise ConfigError(f"adalora: budget={self.budget} is below one rank for each of the {n} adapted modules.")
+    def check_budget(self, layers: list[Layer], steps: int) -> None:
+        super().check_budget(layers, steps)
         if self.t_init + self.t_final >= steps:
             raise ConfigError(
                 f"adalora: t_init + t_final = {self.t_init + self.t_final} leaves no step of the {steps}-step run to "
                 "lower the budget in; the schedule would end after training ends. Lower them or raise steps."
             )
-        self.initial, self.total = capacity, steps
+        self.initial = self.total_rank(layers)
 
     def after_optimizer_step(self, state: TrainState) -> None:
-        step, end = state.step, self.total - self.t_final
-        adapters = _adapters(state.model)
+        step, end = state.step, self.steps - self.t_final
+        adapters = self.layers(state.model)
         if step < end:
             for name, _, a in adapters:
                 for key, p in (("Q", a.Q), ("E", a.E), ("P", a.P)):
                     self.sensitivity.update(f"{name}.{key}", p.detach(), p.grad)
             if step > self.t_init and step % self.delta_t == 0:
-                ends = {"t_init": self.t_init, "t_final": self.t_final, "total": self.total}
+                ends = {"t_init": self.t_init, "t_final": self.t_final, "total": self.steps}
                 self.allocate(adapters, cubic_budget(step, initial=self.initial, final=self.budget, **ends))
         elif step == end:
             self.allocate(adapters, self.budget)
@@ -110,7 +76,7 @@ class AdaLoraAllocator(Callback):
         else:
             self.apply(adapters)
 
-    def allocate(self, adapters: list[tuple[str, AdaptedLayer, AdaLora]], budget: int) -> None:
+    def allocate(self, adapters: list[Layer], budget: int) -> None:
         """Keep the ``budget`` best-scoring triplets over all modules; Λ of the others := 0."""
         s = self.sensitivity.score
         scores = {
@@ -121,7 +87,7 @@ class AdaLoraAllocator(Callback):
         self.apply(adapters)
 
     @torch.no_grad()
-    def apply(self, adapters: list[tuple[str, AdaptedLayer, AdaLora]]) -> None:
+    def apply(self, adapters: list[Layer]) -> None:
         for name, _, a in adapters:
             a.E.masked_fill_(~self.masks[name].view(-1, 1), 0.0)
 
@@ -129,7 +95,7 @@ class AdaLoraAllocator(Callback):
         """Rank surgery: every adapter rebuilt with its kept triplets only (their Λ unchanged, the rest were 0)."""
         if not self.masks:
             return
-        for name, wrapper, a in _adapters(state.model):
+        for name, wrapper, a in self.layers(state.model):
             keep = self.masks[name].nonzero().view(-1)
             if keep.numel() < a.config.r:
                 new = keep_components(a, wrapper.base_layer, keep, state.optimizer)

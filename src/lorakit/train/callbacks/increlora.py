@@ -21,30 +21,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.inject import AdaptedLayer, active_layers
-from lorakit.methods.lowrank.lora import Lora
-from lorakit.train.callbacks._api import Callback, TrainState, register_callback
-from lorakit.train.callbacks._rank import Sensitivity, add_components
-
-
-def _adapters(model: nn.Module) -> list[tuple[str, AdaptedLayer, Lora]]:
-    """(module, wrapper, adapter) of every wrapped layer with an active adapter, which must be plain LoRA."""
-    found = []
-    for name, w, adapter in active_layers(model):
-        if type(adapter) is not Lora:
-            raise ConfigError(
-                f"the increlora allocator grows the rank of plain 'lora' adapters, but {name} has a "
-                f"{type(adapter).method_name!r} adapter; attach method 'lora' (lorakit train --method lora)."
-            )
-        found.append((name, w, adapter))
-    return found
-
-
-def grow(model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer | None = None) -> None:
-    """One more rank component on the active ``lora`` adapter of each module in ``names`` (outputs unchanged)."""
-    for name, wrapper, a in _adapters(model):
-        if name in names:
-            wrapper.adapters[str(wrapper.active)] = add_components(a, wrapper.base_layer, 1, optimizer)
+from lorakit.train.callbacks._allocator import Layer, RankAllocator, check_ints
+from lorakit.train.callbacks._api import TrainState, register_callback
 
 
 @register_callback(
@@ -52,77 +30,56 @@ def grow(model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer | 
     help="IncreLoRA: 'lora' ranks grow one component at a time on the most important modules. Options: budget "
     "(total rank), every (steps between additions), per_step (modules grown each time), beta1, beta2.",
 )
-class IncreLoraAllocator(Callback):
+class IncreLoraAllocator(RankAllocator):
+    name = "increlora"
+
     def __init__(self, budget: int, every: int = 10, per_step: int = 1, beta1: float = 0.85, beta2: float = 0.85):
         """``budget``: the most total rank over all adapted modules; ``every``: optimizer steps between
         additions; ``per_step``: how many modules (the top scores) get one component at each addition."""
-        for name, value in (("budget", budget), ("every", every), ("per_step", per_step)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"increlora: {name} must be a positive integer, got {value!r}.")
-        self.budget, self.every, self.per_step = budget, every, per_step
-        self.sensitivity = Sensitivity(beta1, beta2)
-        self.checked = False
+        super().__init__(budget, beta1, beta2)
+        check_ints(self.name, every=every, per_step=per_step)
+        self.every, self.per_step = every, per_step
         self.history: list[tuple[int, dict[str, float], list[str]]] = []  # (step, module scores, modules grown)
 
-    def on_step_begin(self, state: TrainState) -> None:
-        if not self.checked:
-            if state.step > 0:
-                raise ConfigError(
-                    "increlora: a resumed run cannot continue the allocation (its scores and grown shapes are not "
-                    "in the checkpoint yet); train again without --resume."
-                )
-            self.check(state.model)
-
-    def check(self, model: nn.Module) -> None:
-        """ConfigErrors for a model the budget cannot fit (before training starts)."""
-        adapters = _adapters(model)
-        if not adapters:
-            raise ConfigError("the increlora allocator found no active adapter; attach method 'lora' first.")
-        total = sum(a.config.r for _, _, a in adapters)
+    def check_budget(self, layers: list[Layer], steps: int) -> None:
+        total = self.total_rank(layers)
         if self.budget < total:
             raise ConfigError(
-                f"increlora: budget={self.budget} is below the attached total rank {total} over {len(adapters)} "
+                f"increlora: budget={self.budget} is below the attached total rank {total} over {len(layers)} "
                 "modules; the rank only grows, so raise budget or attach a smaller r."
             )
-        self.checked = True
 
     def after_optimizer_step(self, state: TrainState) -> None:
-        adapters = _adapters(state.model)
-        for name, _, a in adapters:
-            for key, p in (("A", a.A), ("B", a.B)):
-                self.sensitivity.update(f"{name}.{key}", p.detach(), p.grad)
+        layers = self.layers(state.model)
+        self.update_sensitivity(layers)
         if state.step % self.every == 0:
-            self.allocate(state.model, adapters, state.step, state.optimizer)
+            self.allocate(layers, state.step, state.optimizer)
 
-    def scores(self, adapters: list[tuple[str, AdaptedLayer, Lora]]) -> dict[str, float]:
+    def scores(self, layers: list[Layer]) -> dict[str, float]:
         """Each module's mean Ī·Ū over the elements of its A and B."""
         s = self.sensitivity.score
         return {
             name: float(torch.cat([s(f"{name}.A").reshape(-1), s(f"{name}.B").reshape(-1)]).float().mean())
-            for name, _, _ in adapters
+            for name, _, _ in layers
         }
 
-    def allocate(
-        self,
-        model: nn.Module,
-        adapters: list[tuple[str, AdaptedLayer, Lora]],
-        step: int,
-        optimizer: torch.optim.Optimizer | None = None,
-    ) -> list[str]:
+    def allocate(self, layers: list[Layer], step: int, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
         """Grow the top-``per_step`` modules by score (ties: module order) within the budget; returns them."""
-        room = self.budget - sum(a.config.r for _, _, a in adapters)
+        room = self.budget - self.total_rank(layers)
         if room <= 0:
             return []
-        scores = self.scores(adapters)
-        ranked = sorted(scores, key=lambda n: -scores[n])  # stable: ties keep module order
-        chosen = ranked[: min(self.per_step, room)]
-        grow(model, chosen, optimizer)
-        for name in chosen:  # the new component's sensitivity starts at zero
-            for key, dim in (("A", 0), ("B", 1)):
-                for table in (self.sensitivity.avg, self.sensitivity.unc):
-                    t = table[f"{name}.{key}"]
-                    pad = list(t.shape)
-                    pad[dim] = 1
-                    table[f"{name}.{key}"] = torch.cat([t, t.new_zeros(pad)], dim=dim)
+        scores = self.scores(layers)
+        chosen = sorted(scores, key=lambda n: -scores[n])[: min(self.per_step, room)]  # stable: ties keep order
+        for name, wrapper, _ in layers:
+            if name in chosen:
+                self.grow(wrapper, name, 1, optimizer)  # the new component's sensitivity starts at zero
         self.history.append((step, scores, chosen))
         return chosen
+
+
+def grow(model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """One more rank component on the active ``lora`` adapter of each module in ``names`` (outputs unchanged)."""
+    allocator = IncreLoraAllocator(budget=1)
+    for name, wrapper, _ in allocator.layers(model):
+        if name in names:
+            allocator.grow(wrapper, name, 1, optimizer)
