@@ -13,7 +13,7 @@ Masks are ``{module: (r,) bool}``, True where a component is active.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -105,7 +105,7 @@ def grow_top(
     scores: Mapping[str, float],
     n: int,
     optimizer: torch.optim.Optimizer | None,
-    last: set[str] = frozenset(),  # type: ignore[assignment]
+    last: Collection[str] = (),
 ) -> list[str]:
     """One more component (zero B column: outputs unchanged) on each of the ``n`` modules with the highest
     ``scores`` (modules in ``last`` after all others, ties in module order); returns the modules grown."""
@@ -136,7 +136,7 @@ def move(
     apply_masks(layers, masks)  # the pruned components' B columns := 0: the only change to the outputs
     remove_masked(allocator, layers, masks, optimizer)
     n = sum(len(v) for v in pruned.values())
-    grown = grow_top(allocator, layers, means, n, optimizer, set(pruned) if unpruned_first else set())
+    grown = grow_top(allocator, layers, means, n, optimizer, list(pruned) if unpruned_first else ())
     return pruned, grown
 
 
