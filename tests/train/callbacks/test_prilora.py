@@ -186,3 +186,13 @@ def test_bad_input_is_a_clear_error_before_the_first_step(
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(steps=10, callbacks=(spec,))
+
+
+def test_a_resumed_run_is_refused_before_any_surgery():
+    from types import SimpleNamespace
+
+    model = attached(r=2)
+    state = SimpleNamespace(model=model, step=2, optimizer=None, config=SimpleNamespace(steps=10))
+    with pytest.raises(ConfigError, match="without --resume"):
+        PriLoraAllocator(budget=36, r_min=2, r_max=6, every=2).on_step_begin(state)  # type: ignore[arg-type]
+    assert set(ranks(model).values()) == {2}
