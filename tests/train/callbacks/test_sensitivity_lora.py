@@ -16,8 +16,8 @@ from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks._hessian import hutchinson_diagonal
 from lorakit.train.callbacks.sensitivity_lora import SensitivityLoraAllocator, combined_scores, proportional_ranks
-from lorakit.train.data import Record
-from lorakit.train.loop import TrainConfig, train
+from lorakit.train.data import Record, collate
+from lorakit.train.loop import TrainConfig, batch_indices, train
 from tests.helpers import logits, tokens
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -119,6 +119,33 @@ def test_growing_and_dropping_zero_components_leaves_the_outputs_unchanged():
     assert allocator.allocate(layers) == dict(zip([n for n, _, _ in layers], want, strict=True))
     assert list(ranks(model).values()) == want
     torch.testing.assert_close(logits(model, X), before, atol=1e-6, rtol=0)
+
+
+def test_the_estimate_uses_the_batch_the_loop_trains_on(tmp_path):
+    """probe=1: the Hessian is estimated at step 0 (B = 0) on the loop's first batch; the same draws on that batch
+    (rebuilt with the loop's batch_indices and collate) on a fresh copy of the model give the same estimate."""
+    base = tiny_llama(0)
+    torch.manual_seed(0)
+    model = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=2), targets=["q_proj"])
+    torch.manual_seed(0)
+    fresh = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=2), targets=["q_proj"]).train()
+    cfg = TrainConfig(steps=2, batch_size=4, seed=3, callbacks=("sensitivity_lora:budget=3,probe=1,samples=2",))
+    captured: list[SensitivityLoraAllocator] = []
+    init = SensitivityLoraAllocator.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        captured.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SensitivityLoraAllocator, "__init__", keep)
+        train(model, records(), cfg, out_dir=tmp_path, pad_id=0, progress=False)
+    callback = captured[-1]
+    batch = collate([records()[i] for i in batch_indices(len(records()), 4, 0, cfg.seed)], pad_id=0)
+    want = callback.estimate(fresh, callback.layers(fresh), batch, seed=callback.draw_seed(0, 0))
+    assert set(want) == set(callback.hdiag)
+    for name, h in want.items():
+        torch.testing.assert_close(callback.hdiag[name], h, atol=1e-6, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

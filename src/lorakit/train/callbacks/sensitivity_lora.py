@@ -133,9 +133,13 @@ class SensitivityLoraAllocator(RankAllocator):
         if not batches:
             raise ConfigError(f"{self.name}: no batch reached model(**batch); the model's forward is not called.")
         for i, batch in enumerate(batches):
-            est = self.estimate(state.model, layers, batch, seed=self.seed * 1_000_003 + state.step * 1009 + i)
+            est = self.estimate(state.model, layers, batch, seed=self.draw_seed(state.step, i))
             for name, h in est.items():
                 self.hdiag[name] = self.hdiag.get(name, torch.zeros_like(h)) + h / (len(batches) * self.probe)
+
+    def draw_seed(self, step: int, micro: int) -> int:
+        """The Rademacher draws' seed for micro-batch ``micro`` of step ``step``."""
+        return self.seed * 1_000_003 + step * 1009 + micro
 
     def estimate(
         self, model: nn.Module, layers: list[Layer], batch: dict[str, Any], seed: int
