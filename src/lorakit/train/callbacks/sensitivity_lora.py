@@ -14,6 +14,9 @@ model's own forward, and the hook, run). After step ``probe`` every module gets 
 (one each first, at most min(d_in, d_out), Σ exactly ``budget``) and rank surgery applies it: a shrinking module
 keeps its components of largest ‖B[:, i]‖·‖A[i]‖ (the others are dropped, which changes the output), a growing one
 gets zero-B components (output unchanged). The saved dir is an ordinary PEFT LoRA with a ``rank_pattern``.
+The estimate differentiates the whole model twice (fused attention off): a probe step costs a few training steps.
+Not built from the paper: its Effective-Rank local metric (only the Top-k one is), and the weighting ``mix`` of
+global and local terms is this file's choice, not a value taken from the paper.
 """
 
 from __future__ import annotations
