@@ -189,3 +189,16 @@ def test_a_trained_adapter_is_refused(tmp_path):
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(steps=10, callbacks=(spec,))
+
+
+def test_many_layers_sample_feasible_configs_instead_of_enumerating():
+    """5 candidates over 12 layers (5¹² configs) are too many to enumerate: the pool is a seeded sample, each
+    config making the budget exactly within uniform LoRA's parameters."""
+    model = lk.attach(tiny_llama(0, layers=12), lk.method_config("lora", r=4), targets=["q_proj", "v_proj", "up_proj"])
+    allocator = RankAdaptorAllocator(budget=4 * 36, candidates="1|2|4|8|16", trials=8)
+    allocator.check(model, steps=10)
+    pool = allocator.pool
+    assert len(allocator.candidates) ** len(allocator.groups) > 20000 and len(pool) > 100
+    assert len(set(pool)) == len(pool)
+    for config in pool:
+        assert sum(3 * r for r in config) == 4 * 36 and allocator.params(config) <= allocator.limit
