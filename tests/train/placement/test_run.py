@@ -45,3 +45,16 @@ def test_cli_diffora_options_and_errors(tiny_checkpoint, tmp_path):
     bad = runner.invoke(app, [*args, "--base", "/no/such/dir", "--targets", "auto:diffora:per=row", "--out", "x"])
     assert bad.exit_code != 0 and "per must be 'module' or 'type'" in bad.output
     assert "auto:plop" in runner.invoke(app, ["train", "--help"]).output
+
+
+def test_classification_run_places_on_the_encoder_not_the_head(tmp_path):
+    from tests.train.test_seqcls import save_tiny_bert, toy_rows, write_jsonl
+
+    base = save_tiny_bert(tmp_path / "bert")
+    data = write_jsonl(tmp_path / "reviews.jsonl", toy_rows(40))
+    spec = RunSpec(base=str(base), data=str(data), targets="auto:plop:k=2", init_batches=2, eval_examples=4)
+    report = run_training(spec, TrainConfig(steps=1, batch_size=8), tmp_path / "out", progress=False)
+    assert len(report.targets) == 2 and "classifier" not in report.targets
+    assert set(report.targets) <= {"query", "key", "value", "dense"}  # BERT's Linear types (3 kinds end in dense)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(report.targets) and config["modules_to_save"] == ["classifier"]

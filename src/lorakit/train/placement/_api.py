@@ -53,7 +53,7 @@ class PlacementSpec:
 
     name: str
     cls: type[Placement]
-    help: str  # one line, for --help and `lorakit info`
+    help: str  # one line, for help texts
 
 
 PLACEMENTS: dict[str, PlacementSpec] = {}

@@ -3,7 +3,7 @@ https://arxiv.org/abs/2502.08905
 Update rule: h_m = W_m x + σ(γ_m)·B_m A_m x on every candidate module m (DAM relaxed to σ(γ) ∈ (0, 1));
 A, B step on train batches, γ on held batches (first-order bi-level); targets = top-k of σ(γ).
 
-DiffoRA's Difference-Aware Adaptation Matrix (DAM) is a binary matrix over (layer, module) saying which modules
+DiffoRA's Differential Adaptation Matrix (DAM) is a binary matrix over (layer, module) saying which modules
 carry a LoRA. Its continuous relaxation gives every candidate module a gate in (0, 1) on its LoRA's output; the
 gates are learned by gradient descent together with the LoRAs, then discretised: the modules with the largest
 gates keep their adapter. As in the paper's bi-level problem (DARTS-style), the LoRA weights minimise the loss on
@@ -17,7 +17,9 @@ as they were); the candidates are what ``all-linear`` selects (less ``exclude``)
 AdamW for the LoRAs (``lr``) and for the gates (``gate_lr``), ``steps`` rounds, under ``seed`` (the same seed
 and batches give the same targets; the global RNG is restored after). ``per=module`` returns the top-``k``
 module names (full names: ``lk.attach`` takes them as a target list), ``per=type`` the top-``k`` module types by
-their mean gate. Not built: the paper's weight-sharing over several ranks and its per-task search schedule.
+their mean gate. Differences from the paper: the relaxation is a sigmoid gate per module and the discretisation a
+global top-k (the paper's own parametrisation and per-layer selection ratio may differ); its weight-sharing
+optimisation is not built: the search LoRAs are discarded and training attaches fresh adapters to the choice.
 """
 
 from __future__ import annotations
