@@ -13,9 +13,11 @@ LoRA step then one gate step per round, on alternating batches (batches 0, 2, 4,
 
 Here: the search runs on a deep copy of the model (the caller's model, its weights, modes and hooks are left
 as they were); the candidates are what ``all-linear`` selects (less ``exclude``); each gets a rank-``r`` LoRA
-(A Kaiming-uniform as LoRA's default, B zero, scale 1) and a gate logit γ = 0 (σ = ½) through a forward hook,
-AdamW for the LoRAs (``lr``) and for the gates (``gate_lr``), ``steps`` rounds, under ``seed`` (the same seed
-and batches give the same targets; the global RNG is restored after). ``per=module`` returns the top-``k``
+(A Kaiming-uniform as LoRA's default, B zero, scale 1) and a gate logit γ = 0 (σ = ½) through a forward hook.
+AdamW steps the LoRAs (``lr``), plain SGD the gates (``gate_lr``): Adam's per-gate normalisation would move every
+gate by about the same step in a short search, erasing the gradient magnitudes that rank them; after a short
+search the gates are still near ½, their order is what counts. ``steps`` rounds run under ``seed`` (the same
+seed and batches give the same targets; the global RNG is restored after). ``per=module`` returns the top-``k``
 module names (full names: ``lk.attach`` takes them as a target list), ``per=type`` the top-``k`` module types by
 their mean gate. Differences from the paper: the relaxation is a sigmoid gate per module and the discretisation a
 global top-k (the paper's own parametrisation and per-layer selection ratio may differ); its weight-sharing
@@ -98,7 +100,7 @@ def gate_values(
         handles = [layers[n].register_forward_hook(gated[n].hook) for n in names]
         lora = [p for g in gated.values() for p in (g.A, g.B)]
         opt_lora = torch.optim.AdamW(lora, lr=lr, weight_decay=0.0)
-        opt_gate = torch.optim.AdamW([g.gate for g in gated.values()], lr=gate_lr, weight_decay=0.0)
+        opt_gate = torch.optim.SGD([g.gate for g in gated.values()], lr=gate_lr)  # steps ∝ ∂L/∂γ: magnitudes rank
         train, held = batches[0::2], (batches[1::2] or batches[0::2])
         try:
             for step in range(steps):
@@ -119,7 +121,7 @@ def gate_values(
 @register_placement(
     "diffora",
     help="DiffoRA: gate a LoRA on every candidate module, learn the gates (relaxed DAM) for a few steps on a copy, "
-    "keep the top k. Options: k (default: half), per (module or type), steps (20), r (4), lr (1e-3), gate_lr (5e-2).",
+    "keep the top k. Options: k (default: half), per (module or type), steps (20), r (4), lr (1e-3), gate_lr (1.0).",
 )
 class DiffoRA(Placement):
     name = "diffora"
@@ -131,7 +133,7 @@ class DiffoRA(Placement):
         steps: int = 20,
         r: int = 4,
         lr: float = 1e-3,
-        gate_lr: float = 5e-2,
+        gate_lr: float = 1.0,
     ):
         """``k``: modules (``per=module``) or module types (``per=type``) to keep, default half of them;
         ``steps``: search rounds (one LoRA and one gate step each); ``r``: rank of the search LoRAs."""

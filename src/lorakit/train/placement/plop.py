@@ -38,32 +38,32 @@ def probe_directions(seed: int, batch: int, n: int, d: int) -> torch.Tensor:
     return eps / eps.norm(dim=-1, keepdim=True)
 
 
-def _linear_part(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W·x of ``layer`` (its bias removed) for x (n, d_in) in the layer's input ``dtype``, through the layer's
-    own forward (its hooks not run)."""
-    x = x.to(dtype)
-    return (layer.forward(x) - layer.forward(torch.zeros_like(x[:1]))).float()  # (n, d_out)
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows (N, d) of x (B, T, d) that ``mask`` (B, T) marks; every row when there is no such mask."""
+    return x[mask] if mask is not None and x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
 
 
 def feature_norms(
     model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, exclude: Sequence[str] | None = None
 ) -> dict[str, tuple[float, float]]:
-    """{module name: (Σ_t ‖W ẑ_t‖, Σ_t ‖W ε̂_t‖)} over the valid tokens of ``batches``, for every candidate."""
+    """{module name: (Σ_t ‖W ẑ_t‖, Σ_t ‖W ε̂_t‖)} over the valid tokens of ``batches``, for every candidate.
+
+    ‖W ẑ‖ = ‖W z‖ / ‖z‖ comes from the layer's own output (its bias, ``layer(0)``, taken off); the random term
+    runs the layer once more on the probes (through ``layer.forward``: its hooks do not run)."""
     names = candidates(model, exclude)
     layers = dict(logical_modules(model))
     sums = {name: [0.0, 0.0] for name in names}
     state: dict[str, Any] = {}
 
     def hook(name: str) -> Any:
-        def run(layer: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
-            z = args[0].detach()  # (B, T, d_in) or (N, d_in)
-            mask = state["mask"]
-            tokens = z[mask] if mask is not None and z.shape[:-1] == mask.shape else z.reshape(-1, z.shape[-1])
-            tokens = tokens.float()  # (N, d_in)
-            unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (N, d_in)
-            probes = probe_directions(seed, state["batch"], tokens.shape[0], tokens.shape[-1]).to(tokens.device)
-            sums[name][0] += float(_linear_part(layer, unit, z.dtype).norm(dim=-1).sum())
-            sums[name][1] += float(_linear_part(layer, probes, z.dtype).norm(dim=-1).sum())
+        def run(layer: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            z = _rows(args[0].detach(), state["mask"])  # (N, d_in): the real tokens
+            n, d_in = z.shape
+            probes = probe_directions(seed, state["batch"], n, d_in).to(z.device, z.dtype)  # (N, d_in)
+            zero = layer.forward(torch.zeros_like(z[:1])).float()  # (1, d_out): the bias
+            wz = _rows(out.detach(), state["mask"]).float() - zero  # (N, d_out): W·z
+            sums[name][0] += float((wz.norm(dim=-1) / z.float().norm(dim=-1).clamp_min(1e-12)).sum())
+            sums[name][1] += float((layer.forward(probes).float() - zero).norm(dim=-1).sum())
 
         return run
 
