@@ -121,7 +121,7 @@ def gate_values(
 @register_placement(
     "diffora",
     help="DiffoRA: gate a LoRA on every candidate module, learn the gates (relaxed DAM) for a few steps on a copy, "
-    "keep the top k. Options: k (default: half), per (module or type), steps (20), r (4), lr (1e-3), gate_lr (1.0).",
+    "keep the top k. Options: k (default: half), per (module or type), steps (10), r (4), lr (1e-3), gate_lr (1.0).",
 )
 class DiffoRA(Placement):
     name = "diffora"
@@ -130,7 +130,7 @@ class DiffoRA(Placement):
         self,
         k: int | None = None,
         per: str = "module",
-        steps: int = 20,
+        steps: int = 10,
         r: int = 4,
         lr: float = 1e-3,
         gate_lr: float = 1.0,
