@@ -20,6 +20,7 @@ from lorakit.cli._common import out as console
 from lorakit.errors import ConfigError
 from lorakit.train.callbacks import callback_names
 from lorakit.train.optimizers import optimizer_names
+from lorakit.train.placement import is_placement, placement_names
 
 RUN_FIELDS = (
     "base",
@@ -108,7 +109,12 @@ def train(
         ),
     ] = None,
     targets: Annotated[
-        str | None, Opt(help="'all-linear', comma-separated suffixes, or a regex (default all-linear).")
+        str | None,
+        Opt(
+            help="'all-linear', comma-separated suffixes, a regex, or a placement method that picks them from a few "
+            f"training batches (--init-batches, default 8): auto:NAME or auto:NAME:KEY=VALUE,... ({placement_names()}; "
+            "e.g. auto:plop:k=3, auto:diffora:k=6,per=module) (default all-linear)."
+        ),
     ] = None,
     task: Annotated[str | None, Opt(help="Built-in task: addition, date, sort, reverse.")] = None,
     data: Annotated[
@@ -143,7 +149,10 @@ def train(
     threads: Annotated[int | None, Opt(help="torch CPU threads (default: torch's choice).")] = None,
     init_batches: Annotated[
         int | None,
-        Opt(help="Training batches fed to a data-driven init (--opt init=lora_ga, eva, ...; default 8 where needed)."),
+        Opt(
+            help="Training batches fed to a data-driven init (--opt init=lora_ga, eva, ...) or read by a --targets "
+            "auto:... placement (default 8 where needed)."
+        ),
     ] = None,
 ) -> None:
     """Train an adapter of any registered method on a built-in task or a JSONL file, evaluate it before and after."""
@@ -163,7 +172,7 @@ def train(
     method_options = parse_options(s.get("opt") or []) if isinstance(s.get("opt"), list) else dict(s.get("opt") or {})
     method_options.update({k: s[k] for k in ("r", "alpha", "dropout") if s.get(k) is not None})
     tgt = s.get("targets", "all-linear")
-    if isinstance(tgt, str) and "," in tgt:
+    if isinstance(tgt, str) and "," in tgt and not is_placement(tgt):
         tgt = [t.strip() for t in tgt.split(",") if t.strip()]
     spec = RunSpec(
         method_options=method_options,

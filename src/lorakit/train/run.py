@@ -4,6 +4,10 @@ The output folder is an adapter directory from the first step on (the initial ad
 before training), beside ``metrics.jsonl``, ``loss_curve.png``, ``train_report.json`` and, while
 a run is in progress, ``checkpoint.pt`` for ``resume``.
 
+``targets="auto:NAME[:KEY=VALUE,...]"`` (``auto:plop``, ``auto:diffora``; ``lorakit.train.placement``) picks the
+targets from the base model and the first ``init_batches`` (default 8) training batches before the adapter is
+attached; the chosen list is ``RunReport.targets`` (in ``train_report.json``).
+
 A ``{"text","label"}`` file trains a sequence classifier instead: the base checkpoint is loaded as
 ``AutoModelForSequenceClassification`` with a new (seeded) head, the adapter targets the encoder's
 layers and keeps a trainable copy of ``classifier`` (``modules_to_save``), the loss is HF's
@@ -29,6 +33,7 @@ from lorakit.io.atomic import atomic_write_text
 from lorakit.train.data import Record, collate, encode_labelled, encode_rows, label_names, pack, pad_id, read_jsonl
 from lorakit.train.evaluate import classification_accuracy, exact_match, mean_loss
 from lorakit.train.loop import TrainConfig, TrainResult, batch_indices, train
+from lorakit.train.placement import check_placement, is_placement, place
 from lorakit.train.tasks import Example, task_examples
 
 
@@ -55,6 +60,8 @@ class RunSpec:
             raise ConfigError("give exactly one of --task (a built-in task) or --data (a JSONL file).")
         if self.init_batches is not None and (not isinstance(self.init_batches, int) or self.init_batches < 1):
             raise ConfigError(f"--init-batches must be a positive integer, got {self.init_batches!r}.")
+        if is_placement(self.targets):
+            check_placement(str(self.targets))  # an unknown placement or bad option fails before any model loads
 
 
 @dataclass
@@ -68,6 +75,7 @@ class RunReport:
     losses: list[float] = field(default_factory=list)
     samples: list[dict[str, str]] = field(default_factory=list)
     labels: list[Any] = field(default_factory=list)  # classification: class names by id
+    targets: str | list[str] = "all-linear"  # what the adapter was attached with (a placement's choice for auto:...)
 
 
 DEFAULT_INIT_BATCHES = 8
@@ -87,9 +95,36 @@ def calibration_batches(
         n = DEFAULT_INIT_BATCHES
     if not records:
         raise ConfigError("no training records to calibrate the initialisation with.")
+    return _first_batches(records, cfg, pad, n)
+
+
+def _first_batches(records: list[Record], cfg: TrainConfig, pad: int, n: int) -> list[dict[str, torch.Tensor]]:
     return [
         collate([records[i] for i in batch_indices(len(records), cfg.batch_size, k, cfg.seed)], pad) for k in range(n)
     ]
+
+
+def resolve_targets(
+    spec: RunSpec,
+    model: nn.Module,
+    records: list[Record],
+    cfg: TrainConfig,
+    pad: int,
+    exclude: list[str] | None = None,
+    *,
+    progress: bool = True,
+) -> str | list[str]:
+    """``spec.targets``, or for ``auto:NAME[:opts]`` the list that placement picks on ``model`` (before any
+    adapter) from the first ``init_batches`` (default 8) training micro-batches, seeded by ``cfg.seed``."""
+    if not is_placement(spec.targets):
+        return spec.targets
+    if not records:
+        raise ConfigError(f"no training records for the placement {spec.targets!r} to read.")
+    batches = _first_batches(records, cfg, pad, spec.init_batches or DEFAULT_INIT_BATCHES)
+    chosen = place(model, batches, str(spec.targets), seed=cfg.seed, exclude=exclude)
+    if progress:
+        print(f"placement {spec.targets}: targets = {chosen}")
+    return chosen
 
 
 def _split(
@@ -183,10 +218,11 @@ def _run_seqcls(
     report = RunReport(spec=asdict(spec), train=asdict(cfg), labels=list(names))
     report.before = evaluate()
     calibration = calibration_batches(spec, records, cfg, pad)
+    report.targets = resolve_targets(spec, model, records, cfg, pad, ["classifier"], progress=progress)
     lk.attach(
         model,
         method_cfg,
-        targets=spec.targets,
+        targets=report.targets,
         exclude=["classifier"],
         modules_to_save=["classifier"],
         calibration=calibration,
@@ -240,7 +276,8 @@ def run_training(
     report = RunReport(spec=asdict(spec), train=asdict(cfg))
     report.before = _evaluate(model, tok, held_records, held, chat)
     pad = pad_id(tok)
-    lk.attach(model, method_cfg, targets=spec.targets, calibration=calibration_batches(spec, records, cfg, pad))
+    report.targets = resolve_targets(spec, model, records, cfg, pad, progress=progress)
+    lk.attach(model, method_cfg, targets=report.targets, calibration=calibration_batches(spec, records, cfg, pad))
     _train_and_save(
         model,
         records,
