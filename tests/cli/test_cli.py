@@ -55,6 +55,7 @@ def test_info_lists_methods_models_and_cache():
 def test_info_lists_the_optimizers_and_training_callbacks_with_their_help():
     from lorakit.train.callbacks import CALLBACKS
     from lorakit.train.optimizers import OPTIMIZERS
+    from lorakit.train.placement import PLACEMENTS
 
     text = " ".join(invoke("info").stdout.replace("│", " ").split())
     for spec in (*OPTIMIZERS.values(), *CALLBACKS.values()):
@@ -63,6 +64,7 @@ def test_info_lists_the_optimizers_and_training_callbacks_with_their_help():
     assert [o["name"] for o in data["optimizers"]] == sorted(OPTIMIZERS)
     assert {o["name"]: o["url"] for o in data["optimizers"]} == {n: s.url for n, s in OPTIMIZERS.items()}
     assert {c["name"]: c["help"] for c in data["callbacks"]} == {n: s.help for n, s in CALLBACKS.items()}
+    assert {c["name"]: c["help"] for c in data["placements"]} == {n: s.help for n, s in PLACEMENTS.items()}
 
 
 def test_inspect_counts_match_the_model(saved):

@@ -1,4 +1,5 @@
-"""`lorakit info`: version, registered methods, inits, optimizers and training callbacks, bundled models, the cache."""
+"""`lorakit info`: version, registered methods, inits, optimizers, training callbacks and placements, bundled
+models, the cache."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lorakit.methods import REGISTRY
 from lorakit.models import BUNDLED, PACKAGES, cache_dir, smollm2_cache
 from lorakit.train.callbacks import CALLBACKS
 from lorakit.train.optimizers import OPTIMIZERS
+from lorakit.train.placement import PLACEMENTS
 
 
 def collect() -> dict[str, Any]:
@@ -43,12 +45,14 @@ def collect() -> dict[str, Any]:
     ]
     optimizers = [{"name": s.name, "help": s.help, "paper": s.paper, "url": s.url} for s in OPTIMIZERS.values()]
     callbacks = [{"name": s.name, "help": s.help} for s in CALLBACKS.values()]
+    placements = [{"name": s.name, "help": s.help} for s in PLACEMENTS.values()]
     return {
         "version": lorakit.__version__,
         "methods": methods,
         "inits": inits,
         "optimizers": sorted(optimizers, key=lambda o: o["name"]),
         "callbacks": sorted(callbacks, key=lambda c: c["name"]),
+        "placements": sorted(placements, key=lambda c: c["name"]),
         "models": models,
         "cache_dir": str(cache_dir()),
     }
@@ -77,6 +81,7 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="Print machine
     out.print(inits)
     _print_named(data, "Optimizers (lorakit train --optimizer)", "optimizers")
     _print_named(data, "Training callbacks (--callback)", "callbacks")
+    _print_named(data, "Placements (lorakit train --targets auto:NAME)", "placements")
     models = Table(title="Bundled base models")
     for col in ("name", "model", "package", "cached"):
         models.add_column(col, overflow="fold")
