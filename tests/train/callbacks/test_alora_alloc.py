@@ -12,32 +12,32 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks._masking import apply_masks, lowest
 from lorakit.train.callbacks.alora_alloc import AloraAllocator, ablation_importance
-from lorakit.train.data import Record, collate
-from lorakit.train.loop import TrainConfig, batch_indices, train
+from lorakit.train.data import collate
+from lorakit.train.loop import TrainConfig, batch_indices
 from lorakit.train.optimizers.adamw import adamw
-from tests.helpers import logits, tokens
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    four_modules,
+    ranks,
+    records,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, [-100] * 4 + r[4:]) for r in rows]  # prompts unsupervised: the labels are not the inputs
-
-
-def ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
+PROMPT = 4  # records(prompt=PROMPT): prompts unsupervised, the labels are not the inputs
 
 
 def batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    return collate(records()[seed : seed + 4], pad_id=0)
+    return collate(records(prompt=PROMPT)[seed : seed + 4], pad_id=0)
 
 
 def test_importance_is_the_loss_increase_when_the_component_is_masked():
@@ -91,13 +91,8 @@ def run(tmp_path_factory):
         seed=3,
         callbacks=(f"alora_alloc:budget={budget},k=2,every=3,t_final=2",),
     )
-    captured: list[AloraAllocator] = []
     seen: list[tuple[int, dict, int]] = []  # (step, kept batch, total rank after)
-    init, allocate = AloraAllocator.__init__, AloraAllocator.allocate
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
+    allocate = AloraAllocator.allocate
 
     def allocated(self, model_, step, optimizer=None):
         kept = dict(self.batch[1])
@@ -105,19 +100,24 @@ def run(tmp_path_factory):
         seen.append((step, kept, sum(ranks(model_).values())))
         return grown
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(AloraAllocator, "__init__", keep)
-        mp.setattr(AloraAllocator, "allocate", allocated)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), budget, captured[-1], seen, cfg
+    callback = train_capturing(
+        AloraAllocator,
+        model,
+        cfg,
+        tmp_path_factory.mktemp("run"),
+        patches={"allocate": allocated},
+        data=records(prompt=PROMPT),
+    )
+    return base, model.eval(), budget, callback, seen, cfg
 
 
 def test_the_importance_is_measured_on_the_steps_own_batch(run):
     _, model, _, callback, seen, cfg = run
     assert [step for step, _, _ in seen] == [3, 6, 9]  # every 3 up to 12 - t_final
+    data = records(prompt=PROMPT)
     for step, kept, _ in seen:
-        idx = batch_indices(len(records()), cfg.batch_size, step - 1, cfg.seed)  # the step that ended at `step`
-        for key, value in collate([records()[i] for i in idx], pad_id=0).items():
+        idx = batch_indices(len(data), cfg.batch_size, step - 1, cfg.seed)  # the step that ended at `step`
+        for key, value in collate([data[i] for i in idx], pad_id=0).items():
             assert torch.equal(kept[key].cpu(), value)
     assert not callback.hooks and not model.lm_head._forward_hooks and not model._forward_pre_hooks  # released
 
@@ -146,12 +146,8 @@ def test_the_least_important_components_move_to_the_most_important_modules(run):
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, *_ = run
-    path = lk.save_adapter(model, tmp_path / "alora")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
+    assert_peft_loads_same(base, model, tmp_path / "alora", X)
 
 
 @pytest.mark.parametrize(
@@ -164,13 +160,9 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
         ("alora_alloc:budget=12,t_init=3,t_final=1", "lora", "after training ends"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, match):
-    steps: list[int] = []
-    monkeypatch.setattr(AloraAllocator, "after_backward", lambda self, state: steps.append(state.step))
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=3), targets=["q_proj", "v_proj"])  # 4 modules
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, match):
+    model = four_modules(method)
+    assert_refused_before_first_step(AloraAllocator, model, spec, match, tmp_path, data=records(prompt=PROMPT))
 
 
 @pytest.mark.parametrize(
@@ -184,5 +176,4 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)

@@ -18,18 +18,19 @@ from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks.colora import CoLoraAllocator, apportion, rank_pattern
-from lorakit.train.data import Record
-from lorakit.train.loop import TrainConfig, train
-from tests.helpers import logits, tokens
+from lorakit.train.loop import TrainConfig
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    four_modules,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -109,24 +110,15 @@ def run(tmp_path_factory):
     cfg = TrainConfig(
         steps=10, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(f"colora:budget={budget},warmup=4",)
     )
-    captured: list[CoLoraAllocator] = []
-    init = CoLoraAllocator.__init__
     allocate = CoLoraAllocator.allocate
     at: list[int] = []
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
 
     def watch(self, layers, optimizer=None):
         at.append(sum(1 for h in self.hooks))
         return allocate(self, layers, optimizer)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(CoLoraAllocator, "__init__", keep)
-        mp.setattr(CoLoraAllocator, "allocate", watch)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), budget, captured[-1], at
+    callback = train_capturing(CoLoraAllocator, model, cfg, tmp_path_factory.mktemp("run"), patches={"allocate": watch})
+    return base, model.eval(), budget, callback, at
 
 
 def test_a_run_maps_contributions_to_ranks_that_sum_to_the_budget(run):
@@ -141,15 +133,11 @@ def test_a_run_maps_contributions_to_ranks_that_sum_to_the_budget(run):
 
 
 def test_the_saved_adapter_carries_the_rank_pattern_and_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, _, callback, _ = run
-    path = lk.save_adapter(model, tmp_path / "colora")
+    path, theirs = assert_peft_loads_same(base, model, tmp_path / "colora", X)
     fields = json.loads((path / "adapter_config.json").read_text())
     saved = {n: fields["rank_pattern"].get(n, fields["r"]) for n in callback.pattern}
     assert saved == callback.pattern
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
     ranks = {n: theirs.get_submodule(f"base_model.model.{n}").r["default"] for n in callback.pattern}
     assert ranks == callback.pattern
 
@@ -172,13 +160,9 @@ def test_allocating_without_a_measured_contribution_is_an_error():
         ("colora:budget=6,warmup=4", "lora", "after the end of the 4-step run"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, match):
-    steps: list[int] = []
-    monkeypatch.setattr(CoLoraAllocator, "after_optimizer_step", lambda self, state: steps.append(state.step))
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=3), targets=["q_proj", "v_proj"])  # 4 modules
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, match):
+    model = four_modules(method)
+    assert_refused_before_first_step(CoLoraAllocator, model, spec, match, tmp_path, hook="after_optimizer_step")
 
 
 @pytest.mark.parametrize(
@@ -190,5 +174,4 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)

@@ -12,8 +12,6 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.errors import ConfigError
-from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks._rank import cubic_budget
 from lorakit.train.callbacks.dora_dynamic import (
@@ -22,23 +20,21 @@ from lorakit.train.callbacks.dora_dynamic import (
     component_shares,
     dimensional_equilibrium,
 )
-from lorakit.train.data import Record
-from lorakit.train.loop import TrainConfig, train
-from tests.helpers import logits, tokens
+from lorakit.train.loop import TrainConfig
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    four_modules,
+    ranks,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
 STEPS, T_INIT, T_FINAL = 14, 2, 3
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
-
-
-def ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
 
 
 def test_a_components_score_is_its_share_of_the_update_norm():
@@ -73,13 +69,8 @@ def run(tmp_path_factory):
     initial, budget = 3 * len(ranks(model)), len(ranks(model)) + 3
     spec = f"dora_dynamic:budget={budget},every=2,t_init={T_INIT},t_final={T_FINAL},reg=0.1"
     cfg = TrainConfig(steps=STEPS, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(spec,))
-    captured: list[DoraDynamicAllocator] = []
     at_end: dict = {}
-    init, on_end = DoraDynamicAllocator.__init__, DoraDynamicAllocator.on_end
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
+    on_end = DoraDynamicAllocator.on_end
 
     def end(self, state):
         layers = self.layers(state.model)
@@ -89,11 +80,10 @@ def run(tmp_path_factory):
         on_end(self, state)
         at_end["after"] = logits(state.model, X)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DoraDynamicAllocator, "__init__", keep)
-        mp.setattr(DoraDynamicAllocator, "on_end", end)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), initial, budget, captured[-1], at_end
+    callback = train_capturing(
+        DoraDynamicAllocator, model, cfg, tmp_path_factory.mktemp("run"), patches={"on_end": end}
+    )
+    return base, model.eval(), initial, budget, callback, at_end
 
 
 def test_pruning_follows_the_cubic_schedule_down_to_exactly_the_budget(run):
@@ -116,12 +106,8 @@ def test_pruned_components_contribute_nothing_and_their_removal_leaves_the_outpu
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, *_ = run
-    path = lk.save_adapter(model, tmp_path / "dora_dynamic")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
+    assert_peft_loads_same(base, model, tmp_path / "dora_dynamic", X)
 
 
 @pytest.mark.parametrize(
@@ -134,13 +120,9 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
         ("dora_dynamic:budget=6,t_init=2,t_final=2", "lora", "after training ends"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, match):
-    steps: list[int] = []
-    monkeypatch.setattr(DoraDynamicAllocator, "after_optimizer_step", lambda self, state: steps.append(state.step))
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=3), targets=["q_proj", "v_proj"])  # 4 modules
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, match):
+    model = four_modules(method)
+    assert_refused_before_first_step(DoraDynamicAllocator, model, spec, match, tmp_path, hook="after_optimizer_step")
 
 
 @pytest.mark.parametrize(
@@ -154,5 +136,4 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)

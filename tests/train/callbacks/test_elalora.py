@@ -12,28 +12,25 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks._masking import apply_masks, lowest
 from lorakit.train.callbacks.elalora import ElaLoraAllocator
-from lorakit.train.data import Record
-from lorakit.train.loop import TrainConfig, train
+from lorakit.train.loop import TrainConfig
 from lorakit.train.optimizers.adamw import adamw
-from tests.helpers import logits, tokens
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    four_modules,
+    ranks,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
-
-
-def ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +41,18 @@ def run(tmp_path_factory):
     budget = 2 * len(ranks(model))
     spec = f"elalora:budget={budget},k=2,every=2,t_init=1,t_final=3"
     cfg = TrainConfig(steps=14, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(spec,))
-    captured: list[ElaLoraAllocator] = []
     totals: list[int] = []
-    init, adjust = ElaLoraAllocator.__init__, ElaLoraAllocator.adjust
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
+    adjust = ElaLoraAllocator.adjust
 
     def counted(self, layers, step, optimizer=None):
         grown = adjust(self, layers, step, optimizer)
         totals.append(sum(int(a.config.r) for _, _, a in self.layers(model)))
         return grown
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ElaLoraAllocator, "__init__", keep)
-        mp.setattr(ElaLoraAllocator, "adjust", counted)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), budget, captured[-1], totals
+    callback = train_capturing(
+        ElaLoraAllocator, model, cfg, tmp_path_factory.mktemp("run"), patches={"adjust": counted}
+    )
+    return base, model.eval(), budget, callback, totals
 
 
 def test_ranks_are_pruned_and_expanded_by_importance_at_a_constant_total(run):
@@ -111,12 +102,8 @@ def test_an_expanded_component_contributes_nothing_at_the_expansion_step():
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, _, _, _ = run
-    path = lk.save_adapter(model, tmp_path / "ela")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
+    assert_peft_loads_same(base, model, tmp_path / "ela", X)
 
 
 @pytest.mark.parametrize(
@@ -129,13 +116,9 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
         ("elalora:budget=12,t_init=2,t_final=2", "lora", "after training ends"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, match):
-    steps: list[int] = []
-    monkeypatch.setattr(ElaLoraAllocator, "after_backward", lambda self, state: steps.append(state.step))
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=3), targets=["q_proj", "v_proj"])  # 4 modules
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, match):
+    model = four_modules(method)
+    assert_refused_before_first_step(ElaLoraAllocator, model, spec, match, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -150,5 +133,4 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)

@@ -14,23 +14,22 @@ from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks.increlora import IncreLoraAllocator, grow
-from lorakit.train.data import Record
 from lorakit.train.loop import TrainConfig, train
 from lorakit.train.optimizers.adamw import adamw
-from tests.helpers import logits, tokens
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    four_modules,
+    ranks,
+    records,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
-
-
-def ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -110,17 +109,8 @@ def run(tmp_path_factory):
     cfg = TrainConfig(
         steps=14, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(f"increlora:budget={budget},every=2",)
     )
-    captured: list[IncreLoraAllocator] = []
-    init = IncreLoraAllocator.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(IncreLoraAllocator, "__init__", keep)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), budget, captured[-1]
+    callback = train_capturing(IncreLoraAllocator, model, cfg, tmp_path_factory.mktemp("run"))
+    return base, model.eval(), budget, callback
 
 
 def test_a_run_grows_the_highest_scoring_modules_within_the_budget(run):
@@ -136,13 +126,8 @@ def test_a_run_grows_the_highest_scoring_modules_within_the_budget(run):
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, _, _ = run
-    path = lk.save_adapter(model, tmp_path / "inc")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits(lk.load_adapter(copy.deepcopy(base), path), X), y, atol=1e-6, rtol=0)
+    assert_peft_loads_same(base, model, tmp_path / "inc", X)
 
 
 @pytest.mark.parametrize(
@@ -152,13 +137,9 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
         ("increlora:budget=20", "adalora", "attach method 'lora'"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, match):
-    steps: list[int] = []
-    monkeypatch.setattr(IncreLoraAllocator, "after_backward", lambda self, state: steps.append(state.step))
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=3), targets=["q_proj", "v_proj"])  # 4 modules
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, match):
+    model = four_modules(method)
+    assert_refused_before_first_step(IncreLoraAllocator, model, spec, match, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -171,5 +152,4 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec):
-    with pytest.raises(ConfigError, match="must be an integer >= 1"):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, "must be an integer >= 1")

@@ -12,28 +12,25 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks._rank import cubic_budget
 from lorakit.train.callbacks.lora2 import Lora2Allocator, orth_grads, orth_penalty
-from lorakit.train.data import Record
-from lorakit.train.loop import TrainConfig, train
-from tests.helpers import logits, tokens
+from lorakit.train.loop import TrainConfig
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    four_modules,
+    ranks,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
 STEPS = 16
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
-
-
-def ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
 
 
 @pytest.mark.parametrize("r, split", [(4, 2), (5, 3)])
@@ -86,21 +83,11 @@ def _run(orth: float, budget: int, out):
     model = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=4, alpha=8.0), targets=TARGETS)
     spec = f"lora2:budget={budget},orth={orth},t_init=2,t_final=4,delta_t=2"
     cfg = TrainConfig(steps=STEPS, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(spec,))
-    captured: list[Lora2Allocator] = []
-    init = Lora2Allocator.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
-
     callback = Lora2Allocator(budget, orth=orth)
     callback.check(model, STEPS)
     start = callback.orthogonality(callback.layers(model))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Lora2Allocator, "__init__", keep)
-        mp.setattr(Lora2Allocator, "on_end", lambda self, state: None)  # surgery later: ‖A₁A₂ᵀ‖ on the full A
-        train(model, records(), cfg, out_dir=out, pad_id=0, progress=False)
-    callback = captured[-1]
+    later = {"on_end": lambda self, state: None}  # surgery later: ‖A₁A₂ᵀ‖ on the full A
+    callback = train_capturing(Lora2Allocator, model, cfg, out, patches=later)
     end = callback.orthogonality(callback.layers(model))
     before = logits(model.eval(), X)
     Lora2Allocator.on_end(callback, SimpleNamespace(model=model, optimizer=None))
@@ -135,13 +122,8 @@ def test_pruning_follows_the_cubic_schedule_and_ends_at_the_budget_exactly(runs)
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(runs, tmp_path):
-    peft = pytest.importorskip("peft")
     _, (base, model, _, _, _), _ = runs
-    path = lk.save_adapter(model, tmp_path / "lora2")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits(lk.load_adapter(copy.deepcopy(base), path), X), y, atol=1e-6, rtol=0)
+    assert_peft_loads_same(base, model, tmp_path / "lora2", X)
 
 
 @pytest.mark.parametrize(
@@ -154,13 +136,9 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(runs, tmp_path):
         ("lora2:budget=4", "lora", 1, "two LoRAs need r >= 2"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, r, match):
-    steps: list[int] = []
-    monkeypatch.setattr(Lora2Allocator, "after_backward", lambda self, state: steps.append(state.step))
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=r), targets=["q_proj", "v_proj"])  # 4 modules
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, r, match):
+    model = four_modules(method, r=r)
+    assert_refused_before_first_step(Lora2Allocator, model, spec, match, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -173,5 +151,4 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)

@@ -17,22 +17,19 @@ from lorakit.errors import ConfigError
 from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks.prilora import PriLoraAllocator, block_index, linear_ranks
-from lorakit.train.data import Record
-from lorakit.train.loop import TrainConfig, train
+from lorakit.train.loop import TrainConfig
 from tests.helpers import logits, tokens
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    ranks,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
-
-
-def ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
 
 
 def test_ranks_grow_linearly_with_the_block_index():
@@ -105,17 +102,8 @@ def run(tmp_path_factory):
     model = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=4, alpha=8.0), targets=TARGETS)
     spec = f"prilora:budget=36,r_min=2,r_max=6,every={EVERY},fraction={FRACTION}"
     cfg = TrainConfig(steps=STEPS, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(spec,))
-    captured: list[PriLoraAllocator] = []
-    init = PriLoraAllocator.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PriLoraAllocator, "__init__", keep)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), captured[-1]
+    callback = train_capturing(PriLoraAllocator, model, cfg, tmp_path_factory.mktemp("run"))
+    return base, model.eval(), callback
 
 
 def test_a_run_sets_linear_ranks_within_the_budget(run):
@@ -140,12 +128,8 @@ def test_the_zero_entries_of_a_follow_the_pruning_schedule_and_stay_zero(run):
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, _ = run
-    path = lk.save_adapter(model, tmp_path / "prilora")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
+    assert_peft_loads_same(base, model, tmp_path / "prilora", X)
 
 
 @pytest.mark.parametrize(
@@ -158,17 +142,11 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
         ("prilora:budget=9,r_min=2,r_max=4,every=2", "lora", ["q_proj"], True, "already contribute"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(
-    tmp_path, monkeypatch, spec, method, targets, randomize, match
-):
-    steps: list[int] = []
-    monkeypatch.setattr(PriLoraAllocator, "after_backward", lambda self, state: steps.append(state.step))
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, targets, randomize, match):
     model = lk.attach(tiny_llama(0, layers=3), lk.method_config(method, r=3), targets=targets)  # ranks 2, 3, 4
     if randomize:
         randomize_adapters(model, seed=0)
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+    assert_refused_before_first_step(PriLoraAllocator, model, spec, match, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -184,8 +162,7 @@ def test_bad_input_is_a_clear_error_before_the_first_step(
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)
 
 
 def test_a_resumed_run_is_refused_before_any_surgery():

@@ -15,17 +15,23 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.errors import ConfigError
-from lorakit.inject import wrappers
 from lorakit.testing import tiny_llama
 from lorakit.train.callbacks.rankadaptor import RankAdaptorAllocator, layer_groups
-from lorakit.train.data import Record
 from lorakit.train.loop import TrainConfig, train
-from tests.helpers import logits, tokens
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    ranks,
+    records,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 KEEP = [128, 96, 48, 24]  # each layer's MLP width after pruning (of 128)
-X = tokens(batch=2, length=10, seed=5)
 
 
 def pruned_llama(seed: int = 0) -> nn.Module:
@@ -50,15 +56,6 @@ def pruned_llama(seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
-
-
-def ranks(model: nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
-
-
 def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -71,13 +68,8 @@ def run(tmp_path_factory):
     budget = 3 * len(ranks(model))  # uniform LoRA at r=3
     spec = f"rankadaptor:budget={budget},candidates=1|2|4|6,trials=40,probe=2"
     cfg = TrainConfig(steps=8, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(spec,))
-    captured: list[RankAdaptorAllocator] = []
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    init, allocate = RankAdaptorAllocator.__init__, RankAdaptorAllocator.allocate
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
+    allocate = RankAdaptorAllocator.allocate
 
     def watched(self, layers, optimizer=None):
         model.eval()
@@ -87,11 +79,10 @@ def run(tmp_path_factory):
         model.train()
         return chosen
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RankAdaptorAllocator, "__init__", keep)
-        mp.setattr(RankAdaptorAllocator, "allocate", watched)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), budget, captured[-1], outputs
+    callback = train_capturing(
+        RankAdaptorAllocator, model, cfg, tmp_path_factory.mktemp("run"), patches={"allocate": watched}
+    )
+    return base, model.eval(), budget, callback, outputs
 
 
 def test_the_probe_holds_the_adapter_still_and_the_surgery_leaves_the_output_unchanged(run):
@@ -138,13 +129,8 @@ def test_the_performance_model_fits_its_samples_and_the_choice_is_its_best_feasi
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, _, _, _ = run
-    path = lk.save_adapter(model, tmp_path / "ra")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits(lk.load_adapter(copy.deepcopy(base), path), X), y, atol=1e-6, rtol=0)
+    assert_peft_loads_same(base, model, tmp_path / "ra", X)
 
 
 @pytest.mark.parametrize(
@@ -157,13 +143,9 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
         ("rankadaptor:budget=8", "adalora", ["q_proj", "v_proj"], "attach method 'lora'"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, targets, match):
-    steps: list[int] = []
-    monkeypatch.setattr(RankAdaptorAllocator, "after_optimizer_step", lambda self, state: steps.append(state.step))
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, targets, match):
     model = lk.attach(pruned_llama(0), lk.method_config(method, r=4), targets=targets)
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+    assert_refused_before_first_step(RankAdaptorAllocator, model, spec, match, tmp_path, hook="after_optimizer_step")
 
 
 def test_a_trained_adapter_is_refused(tmp_path):
@@ -187,8 +169,7 @@ def test_a_trained_adapter_is_refused(tmp_path):
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)
 
 
 def test_many_layers_sample_feasible_configs_instead_of_enumerating():

@@ -16,22 +16,22 @@ from lorakit.inject import wrappers
 from lorakit.testing import randomize_adapters, tiny_llama
 from lorakit.train.callbacks._hessian import hutchinson_diagonal
 from lorakit.train.callbacks.sensitivity_lora import SensitivityLoraAllocator, combined_scores, proportional_ranks
-from lorakit.train.data import Record, collate
-from lorakit.train.loop import TrainConfig, batch_indices, train
-from tests.helpers import logits, tokens
+from lorakit.train.data import collate
+from lorakit.train.loop import TrainConfig, batch_indices
+from tests.helpers import logits
+from tests.train.callbacks._allocators import (
+    TARGETS,
+    X,
+    assert_option_refused,
+    assert_peft_loads_same,
+    assert_refused_before_first_step,
+    four_modules,
+    ranks,
+    records,
+    train_capturing,
+)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = tokens(batch=2, length=10, seed=5)
-
-
-def records() -> list[Record]:
-    rows = torch.randint(4, 256, (16, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    return [Record(r, r) for r in rows]
-
-
-def ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {name: w.adapters["default"].config.r for name, w in wrappers(model)}
 
 
 def test_hutchinson_is_exact_for_a_diagonal_hessian_with_one_sample():
@@ -130,17 +130,7 @@ def test_the_estimate_uses_the_batch_the_loop_trains_on(tmp_path):
     torch.manual_seed(0)
     fresh = lk.attach(copy.deepcopy(base), lk.method_config("lora", r=2), targets=["q_proj"]).train()
     cfg = TrainConfig(steps=2, batch_size=4, seed=3, callbacks=("sensitivity_lora:budget=3,probe=1,samples=2",))
-    captured: list[SensitivityLoraAllocator] = []
-    init = SensitivityLoraAllocator.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SensitivityLoraAllocator, "__init__", keep)
-        train(model, records(), cfg, out_dir=tmp_path, pad_id=0, progress=False)
-    callback = captured[-1]
+    callback = train_capturing(SensitivityLoraAllocator, model, cfg, tmp_path)
     batch = collate([records()[i] for i in batch_indices(len(records()), 4, 0, cfg.seed)], pad_id=0)
     want = callback.estimate(fresh, callback.layers(fresh), batch, seed=callback.draw_seed(0, 0))
     assert set(want) == set(callback.hdiag)
@@ -156,17 +146,8 @@ def run(tmp_path_factory):
     budget = 4 * len(ranks(model)) - 5
     spec = f"sensitivity_lora:budget={budget},probe=2,samples=4"
     cfg = TrainConfig(steps=6, batch_size=4, lr=0.01, schedule="constant", seed=3, callbacks=(spec,))
-    captured: list[SensitivityLoraAllocator] = []
-    init = SensitivityLoraAllocator.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        captured.append(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SensitivityLoraAllocator, "__init__", keep)
-        train(model, records(), cfg, out_dir=tmp_path_factory.mktemp("run"), pad_id=0, progress=False)
-    return base, model.eval(), budget, captured[-1]
+    callback = train_capturing(SensitivityLoraAllocator, model, cfg, tmp_path_factory.mktemp("run"))
+    return base, model.eval(), budget, callback
 
 
 def test_a_run_sets_ranks_proportional_to_the_sensitivities_summing_to_the_budget(run):
@@ -183,12 +164,8 @@ def test_a_run_sets_ranks_proportional_to_the_sensitivities_summing_to_the_budge
 
 
 def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
-    peft = pytest.importorskip("peft")
     base, model, _, _ = run
-    path = lk.save_adapter(model, tmp_path / "sens")
-    y = logits(model, X)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-    torch.testing.assert_close(logits(theirs, X), y, atol=1e-5, rtol=1e-5)
+    assert_peft_loads_same(base, model, tmp_path / "sens", X)
 
 
 @pytest.mark.parametrize(
@@ -200,13 +177,9 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(run, tmp_path):
         ("sensitivity_lora:budget=8,probe=4", "lora", "after training ends"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch, spec, method, match):
-    steps: list[int] = []
-    monkeypatch.setattr(SensitivityLoraAllocator, "after_backward", lambda self, state: steps.append(state.step))
-    model = lk.attach(tiny_llama(0), lk.method_config(method, r=3), targets=["q_proj", "v_proj"])  # 4 modules
-    with pytest.raises(ConfigError, match=match):
-        train(model, records(), TrainConfig(steps=4, batch_size=2, callbacks=(spec,)), out_dir=tmp_path, pad_id=0)
-    assert not steps
+def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, spec, method, match):
+    model = four_modules(method)
+    assert_refused_before_first_step(SensitivityLoraAllocator, model, spec, match, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -221,5 +194,4 @@ def test_bad_input_is_a_clear_error_before_the_first_step(tmp_path, monkeypatch,
     ],
 )
 def test_bad_options_are_errors_when_the_config_is_built(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainConfig(steps=10, callbacks=(spec,))
+    assert_option_refused(spec, match)
