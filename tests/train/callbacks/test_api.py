@@ -105,7 +105,7 @@ def test_callbacks_run_in_the_configured_order_after_the_always_on_ones(recorder
 
 
 def test_unknown_callback_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"unknown callback 'adapter_step'\. Did you mean 'adapter_steps'\?") as e:
+    with pytest.raises(ConfigError, match=r"unknown callback 'adapter_step'\. Did you mean 'adapter_steps'") as e:
         TrainConfig(callbacks=("adapter_step",))
     assert "Registered callbacks: " + ", ".join(sorted(CALLBACKS)) in str(e.value)
 

@@ -10,7 +10,8 @@ budget goes to the module with the largest c_m / (r_m + 1) that is below its cap
 no cap). Each module is then changed by rank surgery: its lowest-contribution components are pruned (the pruning
 itself changes the output by what they added; the removal equals zeroing their B columns, to 1e-6) or components
 with zero B columns are grown (outputs unchanged). The pattern is kept as ``pattern`` / :func:`rank_pattern`,
-and the saved adapter's PEFT ``rank_pattern`` carries it. The paper's image-restoration recipe is not built here.
+and the saved adapter's PEFT ``rank_pattern`` carries it; the paper's image-restoration use is the recipe
+``lorakit/recipes/image_restoration.py``, which fine-tunes with that pattern.
 """
 
 from __future__ import annotations
