@@ -8,10 +8,13 @@ module: the total rank ρ·n over the n adapted modules, the quantity every allo
 
 - **uniform**: plain LoRA at r = ρ everywhere (α = r, so the scale is 1), no callback.
 - **each allocator** ends at total rank ρ·n (its callback's ``budget=``). Where it starts depends on what it does
-  (the `START` table below): pruners (adalora, dora_dynamic, lora2, ard_lora) attach 2ρ and prune to the
-  budget; growers (increlora) attach 1 and grow; movers and one-shot allocators (elalora, alora_alloc, colora,
-  sensitivity_lora, prilora, rankadaptor, pearl) attach ρ and redistribute it. Schedules in steps: t_init =
-  10 % of the run, t_final = 25 %, as the AdaLoRA paper's proportions.
+  (the `START` table below): pruners (adalora, dora_dynamic, lora2, ard_lora, pearl) attach 2ρ and prune to
+  the budget; increlora attaches 1 and grows; the movers and one-shot allocators (elalora, alora_alloc, colora,
+  sensitivity_lora, prilora, rankadaptor) attach ρ and redistribute it; the elastic searches (lonas, shears)
+  attach 2ρ, sample ranks ρ/2 | ρ | 2ρ per module and search within uniform LoRA's parameter count at ρ
+  (shears also prunes the base to 50 % sparsity first). Schedules in steps: t_init = 10 % of the run,
+  t_final = 25 %, as the AdaLoRA paper's proportions. ρ = 1 is not a budget here: with at least one rank per
+  module every allocator would end uniform.
 
 Reported per row: held-out exact match (greedy) and loss after training, trainable parameters at the end of
 training (after any rank surgery: what is saved), total rank at the end (checked equal to the budget), the
@@ -19,7 +22,8 @@ rank spread (min/max per module), and the wall time. The base's exact match befo
 per task. The machine is shared: times are indicative; the quality numbers do not depend on load.
 
     .venv/bin/python benchmarks/rank_allocation.py --json-out benchmarks/results/rank_allocation.json
-    .venv/bin/python benchmarks/rank_allocation.py --tasks sort --budgets 2 --allocators adalora --steps 10  # quick
+    .venv/bin/python benchmarks/rank_allocation.py --tasks date --budgets 2 --allocators adalora --steps 4  # quick
+    .venv/bin/python benchmarks/rank_allocation.py --pivot a.json b.json    # one table over runs made side by side
 """
 
 from __future__ import annotations
@@ -205,6 +209,32 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pivot(results: list[dict[str, Any]]) -> str:
+    """One markdown table over the results of several runs (e.g. one per task, run side by side): a row per
+    allocator, a column per (task, ρ): held-out exact match, Δ vs uniform in points, trainable params (k)."""
+    rows = [r for res in results for r in res["rows"]]
+    cols = list(dict.fromkeys((r["task"], r["rho"]) for r in rows))
+    uniform = {(r["task"], r["rho"]): r.get("heldout_exact_match") for r in rows if r["row"] == "uniform"}
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    head = "| allocator | " + " | ".join(f"{t} ρ={rho}" for t, rho in cols) + " | beats uniform |"
+    lines = [head, "|---" * (len(cols) + 2) + "|"]
+    for name in names:
+        cells, wins = [], 0
+        for col in cols:
+            r = next((r for r in rows if r["row"] == name and (r["task"], r["rho"]) == col), None)
+            if r is None:
+                cells.append("not run")
+            elif "error" in r:
+                cells.append("failed")
+            else:
+                em, base = r["heldout_exact_match"], uniform.get(col)
+                delta = "" if name == "uniform" or base is None else f" ({100 * (em - base):+.0f})"
+                wins += name != "uniform" and base is not None and em > base
+                cells.append(f"{em:.0%}{delta}, {r['trainable_params'] / 1000:.0f}k")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if name == 'uniform' else wins} |")
+    return "\n".join(lines)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="smollm2-135m")
@@ -219,11 +249,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for the whole run)")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--pivot", type=Path, nargs="+", help="only print the table over these result JSONs")
     return ap.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.pivot:
+        print(pivot([json.loads(p.read_text()) for p in args.pivot]))
+        return
     torch.set_num_threads(args.threads)
     allocators = [n.strip() for n in args.allocators.split(",") if n.strip() and n.strip() != "uniform"]
     unknown = [n for n in allocators if n not in START]
