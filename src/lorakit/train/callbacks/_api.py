@@ -140,29 +140,40 @@ def callback_names() -> str:
     return ", ".join(sorted(CALLBACKS))
 
 
-def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"adalora:budget=64,t_init=10"`` -> ``("adalora", {"budget": 64, "t_init": 10})``: a callback's name and
-    its keyword arguments (values parsed as YAML scalars; ``-`` in a key reads as ``_``)."""
-    name, _, args = spec.partition(":")
+def parse_options(args: str, spec: str, kind: str, expected: str) -> dict[str, Any]:
+    """``"budget=64,t_init=10"`` -> ``{"budget": 64, "t_init": 10}`` (values parsed as YAML scalars; ``-`` in a
+    key reads as ``_``); a ConfigError naming ``kind``, ``spec`` and the ``expected`` form for a malformed pair.
+    Shared by the callback and placement specs."""
     kwargs: dict[str, Any] = {}
     for pair in filter(None, (p.strip() for p in args.split(","))):
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"callback {spec!r}: expected NAME:KEY=VALUE,KEY=VALUE, got {pair!r}.")
+            raise ConfigError(f"{kind} {spec!r}: expected {expected}, got {pair!r}.")
         kwargs[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return name.strip(), kwargs
+    return kwargs
 
 
-def _build(spec: str) -> Callback:
-    name, kwargs = split_spec(spec)
-    cls = get_entry(CALLBACKS, "callback", name).cls
+def build_with_options(kind: str, name: str, cls: type[Any], kwargs: dict[str, Any]) -> Any:
+    """``cls(**kwargs)``, or a ConfigError listing the options ``cls`` takes when ``kwargs`` do not fit them."""
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError:
         takes = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         shown = ", ".join(takes) or "none"
-        raise ConfigError(f"callback {name!r} got {', '.join(kwargs) or 'no'} option(s); it takes: {shown}.") from None
+        raise ConfigError(f"{kind} {name!r} got {', '.join(kwargs) or 'no'} option(s); it takes: {shown}.") from None
     return cls(**kwargs)
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"adalora:budget=64,t_init=10"`` -> ``("adalora", {"budget": 64, "t_init": 10})``: a callback's name and
+    its keyword arguments (:func:`parse_options`)."""
+    name, _, args = spec.partition(":")
+    return name.strip(), parse_options(args, spec, "callback", "NAME:KEY=VALUE,KEY=VALUE")
+
+
+def _build(spec: str) -> Callback:
+    name, kwargs = split_spec(spec)
+    return build_with_options("callback", name, get_entry(CALLBACKS, "callback", name).cls, kwargs)
 
 
 def check_callbacks(specs: tuple[str, ...]) -> None:

@@ -17,34 +17,34 @@ Values are YAML scalars; a ``-`` in a key reads as ``_``. The ``auto:`` prefix i
 
 from __future__ import annotations
 
-import inspect
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.inject import find_targets
 from lorakit.registry import add_entry, get_entry
+from lorakit.train.callbacks._api import build_with_options, parse_options
 
 PREFIX = "auto:"
 Batch = dict[str, torch.Tensor]
 
 
-class Placement:
+class Placement(abc.ABC):
     """Picks targets from the base model and a few batches; options are the subclass's ``__init__`` arguments."""
 
     name = "placement"
 
+    @abc.abstractmethod
     def choose(
         self, model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, exclude: Sequence[str] | None = None
     ) -> list[str]:
         """The targets for ``lk.attach`` (never empty), the same for the same model, batches and ``seed``;
         ``model`` is left as it was (weights, modes, grads). ``exclude``: modules never to target (a head)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,7 @@ def split_placement(spec: str) -> tuple[str, dict[str, Any]]:
     body = spec.strip()
     body = body[len(PREFIX) :] if body.startswith(PREFIX) else body
     name, _, args = body.partition(":")
-    kwargs: dict[str, Any] = {}
-    for pair in filter(None, (p.strip() for p in args.split(","))):
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"placement {spec!r}: expected auto:NAME:KEY=VALUE,KEY=VALUE, got {pair!r}.")
-        kwargs[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    kwargs = parse_options(args, spec, "placement", "auto:NAME:KEY=VALUE,KEY=VALUE")
     if not name.strip():
         raise ConfigError(f"placement {spec!r} names no method; registered: {placement_names()}.")
     return name.strip(), kwargs
@@ -101,15 +96,8 @@ def split_placement(spec: str) -> tuple[str, dict[str, Any]]:
 def build_placement(spec: str) -> Placement:
     """The placement ``spec`` names, built with its options: a ConfigError for an unknown name or bad options."""
     name, kwargs = split_placement(spec)
-    cls = get_entry(PLACEMENTS, "placement", name).cls
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError:
-        takes = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
-        raise ConfigError(
-            f"placement {name!r} got {', '.join(kwargs) or 'no'} option(s); it takes: {', '.join(takes) or 'none'}."
-        ) from None
-    return cls(**kwargs)
+    placement: Placement = build_with_options("placement", name, get_entry(PLACEMENTS, "placement", name).cls, kwargs)
+    return placement
 
 
 def check_placement(spec: str) -> None:
